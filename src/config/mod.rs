@@ -1,0 +1,8 @@
+//! Envoy's v3 configuration: loading it from files and reporting what is wrong with it.
+
+pub mod duration;
+pub mod error;
+pub mod load;
+
+pub use error::{ConfigError, ConfigErrors, Errors};
+pub use load::{load_bootstrap_file, parse_bootstrap};

@@ -1,0 +1,15 @@
+//! legate: an Envoy-compatible HTTP gateway on Pingora.
+
+// Envoy users still write deprecated fields (exact_match, append, ...); accepting them is
+// part of speaking Envoy's API.
+#![allow(deprecated)]
+
+pub mod config;
+pub mod route;
+
+/// This machine's hostname, for `%HOSTNAME%`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

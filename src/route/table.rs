@@ -1,0 +1,360 @@
+//! A route configuration: virtual hosts chosen by Host with Envoy's domain precedence, then
+//! the first matching route of that virtual host.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost as VirtualHostProto};
+
+use crate::config::error::{index, join, Errors};
+use crate::reject_set;
+use crate::route::entry::Route;
+use crate::route::headers::HeaderMutations;
+use crate::route::request::RequestView;
+
+/// Envoy's default for `max_direct_response_body_size_bytes`.
+const DEFAULT_MAX_DIRECT_RESPONSE_BODY: usize = 4096;
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<Route>,
+    pub request_headers: HeaderMutations,
+    pub response_headers: HeaderMutations,
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    exact: HashMap<String, usize>,
+    /// `*.example.com` stored as `.example.com`, longest first.
+    suffixes: Vec<(String, usize)>,
+    /// `example.*` stored as `example.`, longest first.
+    prefixes: Vec<(String, usize)>,
+    default: Option<usize>,
+    ignore_port_in_host_matching: bool,
+    pub request_headers: HeaderMutations,
+    pub response_headers: HeaderMutations,
+    pub most_specific_header_mutations_wins: bool,
+}
+
+/// The route a request matched, with the virtual host it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Matched<'a> {
+    pub virtual_host: &'a VirtualHost,
+    pub route: &'a Route,
+}
+
+impl VirtualHost {
+    fn convert(v: &VirtualHostProto, at: &str, max_body: usize, errs: &mut Errors) -> Option<Self> {
+        let VirtualHostProto {
+            name,
+            domains,
+            routes,
+            matcher,
+            require_tls,
+            virtual_clusters,
+            rate_limits,
+            request_headers_to_add,
+            request_headers_to_remove,
+            response_headers_to_add,
+            response_headers_to_remove,
+            cors,
+            typed_per_filter_config,
+            include_request_attempt_count,
+            include_attempt_count_in_response,
+            retry_policy,
+            retry_policy_typed_config,
+            hedge_policy,
+            include_is_timeout_retry_header,
+            per_request_buffer_limit_bytes,
+            request_body_buffer_limit,
+            request_mirror_policies,
+            metadata: _,
+            route_specifiers,
+        } = v;
+        reject_set!(
+            errs,
+            at,
+            matcher,
+            require_tls,
+            virtual_clusters,
+            rate_limits,
+            cors,
+            typed_per_filter_config,
+            include_request_attempt_count,
+            include_attempt_count_in_response,
+            retry_policy,
+            retry_policy_typed_config,
+            hedge_policy,
+            include_is_timeout_retry_header,
+            per_request_buffer_limit_bytes,
+            request_body_buffer_limit,
+            request_mirror_policies,
+            route_specifiers,
+        );
+        if name.is_empty() {
+            errs.add(join(at, "name"), "must not be empty");
+        }
+        if domains.is_empty() {
+            errs.add(join(at, "domains"), "at least one domain is required");
+        }
+        let routes = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Route::convert(r, &index(&join(at, "routes"), i), max_body, errs))
+            .collect();
+        Some(VirtualHost {
+            name: name.clone(),
+            routes,
+            request_headers: HeaderMutations::convert(
+                request_headers_to_add,
+                request_headers_to_remove,
+                at,
+                "request_headers_to_add",
+                "request_headers_to_remove",
+                errs,
+            ),
+            response_headers: HeaderMutations::convert(
+                response_headers_to_add,
+                response_headers_to_remove,
+                at,
+                "response_headers_to_add",
+                "response_headers_to_remove",
+                errs,
+            ),
+        })
+    }
+}
+
+impl RouteTable {
+    pub fn convert(rc: &RouteConfiguration, at: &str, errs: &mut Errors) -> Option<Self> {
+        let RouteConfiguration {
+            name,
+            virtual_hosts,
+            vhds,
+            internal_only_headers,
+            response_headers_to_add,
+            response_headers_to_remove,
+            request_headers_to_add,
+            request_headers_to_remove,
+            most_specific_header_mutations_wins,
+            validate_clusters: _,
+            max_direct_response_body_size_bytes,
+            cluster_specifier_plugins,
+            request_mirror_policies,
+            ignore_port_in_host_matching,
+            vhost_header,
+            ignore_path_parameters_in_path_matching,
+            typed_per_filter_config,
+            metadata: _,
+            route_specifiers,
+        } = rc;
+        // validate_clusters: unknown clusters are always allowed and answer 503 at request
+        // time, which is Envoy's behaviour for RDS-delivered tables.
+        reject_set!(
+            errs,
+            at,
+            vhds,
+            internal_only_headers,
+            cluster_specifier_plugins,
+            request_mirror_policies,
+            vhost_header,
+            ignore_path_parameters_in_path_matching,
+            typed_per_filter_config,
+            route_specifiers,
+        );
+        let max_body = max_direct_response_body_size_bytes
+            .map_or(DEFAULT_MAX_DIRECT_RESPONSE_BODY, |v| v.value as usize);
+        let mut table = RouteTable {
+            name: name.clone(),
+            virtual_hosts: Vec::new(),
+            exact: HashMap::new(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            default: None,
+            ignore_port_in_host_matching: *ignore_port_in_host_matching,
+            request_headers: HeaderMutations::convert(
+                request_headers_to_add,
+                request_headers_to_remove,
+                at,
+                "request_headers_to_add",
+                "request_headers_to_remove",
+                errs,
+            ),
+            response_headers: HeaderMutations::convert(
+                response_headers_to_add,
+                response_headers_to_remove,
+                at,
+                "response_headers_to_add",
+                "response_headers_to_remove",
+                errs,
+            ),
+            most_specific_header_mutations_wins: *most_specific_header_mutations_wins,
+        };
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for (i, vp) in virtual_hosts.iter().enumerate() {
+            let vat = index(&join(at, "virtual_hosts"), i);
+            let Some(vh) = VirtualHost::convert(vp, &vat, max_body, errs) else {
+                continue;
+            };
+            let idx = table.virtual_hosts.len();
+            for (j, d) in vp.domains.iter().enumerate() {
+                let domain = d.to_ascii_lowercase();
+                if let Some(other) = seen.insert(domain.clone(), vp.name.clone()) {
+                    errs.add(
+                        index(&join(&vat, "domains"), j),
+                        format!("duplicate domain '{d}' (also in virtual host '{other}')"),
+                    );
+                    continue;
+                }
+                if domain == "*" {
+                    table.default = Some(idx);
+                } else if let Some(suffix) = domain.strip_prefix('*') {
+                    table.suffixes.push((suffix.to_string(), idx));
+                } else if let Some(prefix) = domain.strip_suffix('*') {
+                    table.prefixes.push((prefix.to_string(), idx));
+                } else if domain.contains('*') {
+                    errs.add(
+                        index(&join(&vat, "domains"), j),
+                        "a wildcard may only be the first or last character",
+                    );
+                } else {
+                    table.exact.insert(domain, idx);
+                }
+            }
+            table.virtual_hosts.push(vh);
+        }
+        // Longest wildcard first; stable, so equal lengths keep config order.
+        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Some(table)
+    }
+
+    /// The virtual host for a Host header value: exact, longest `*suffix`, longest
+    /// `prefix*`, then `*`.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let mut host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
+        if self.ignore_port_in_host_matching {
+            if let Some(stripped) = strip_port(&host) {
+                host = Cow::Owned(stripped.to_string());
+            }
+        }
+        let idx = self
+            .exact
+            .get(host.as_ref())
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.default)?;
+        self.virtual_hosts.get(idx)
+    }
+
+    pub fn route<'a>(&'a self, req: &RequestView<'_>) -> Option<Matched<'a>> {
+        let vh = self.virtual_host(req.host)?;
+        let route = vh.routes.iter().find(|r| r.matches(req))?;
+        Some(Matched {
+            virtual_host: vh,
+            route,
+        })
+    }
+}
+
+/// `host:port` → `host` (IPv6 literals keep their brackets); None when there is no port.
+pub fn strip_port(host: &str) -> Option<&str> {
+    let colon = host.rfind(':')?;
+    if let Some(bracket) = host.rfind(']') {
+        if bracket > colon {
+            return None;
+        }
+    }
+    host[colon + 1..].bytes().all(|b| b.is_ascii_digit()).then(|| &host[..colon])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_message;
+
+    fn table(yaml: &str) -> Result<RouteTable, crate::config::ConfigErrors> {
+        let proto: RouteConfiguration = parse_message(yaml, "envoy.config.route.v3.RouteConfiguration")?;
+        let mut errs = Errors::default();
+        let t = RouteTable::convert(&proto, "route_config", &mut errs);
+        errs.into_result(t.unwrap())
+    }
+
+    const DOMAINS: &str = r#"
+virtual_hosts:
+- {name: exact, domains: ["www.example.com"], routes: []}
+- {name: suffix_long, domains: ["*.api.example.com"], routes: []}
+- {name: suffix, domains: ["*.example.com"], routes: []}
+- {name: dash, domains: ["*-bar.example.org"], routes: []}
+- {name: prefix, domains: ["www.*"], routes: []}
+- {name: prefix_long, domains: ["www.example.*"], routes: []}
+- {name: port, domains: ["ported.com:8080"], routes: []}
+- {name: any, domains: ["*"], routes: []}
+"#;
+
+    fn vh<'a>(t: &'a RouteTable, host: &str) -> &'a str {
+        &t.virtual_host(host).unwrap().name
+    }
+
+    #[test]
+    fn domain_precedence_follows_envoy() {
+        let t = table(DOMAINS).unwrap();
+        assert_eq!(vh(&t, "www.example.com"), "exact");
+        assert_eq!(vh(&t, "WWW.Example.COM"), "exact");
+        assert_eq!(vh(&t, "v1.api.example.com"), "suffix_long");
+        assert_eq!(vh(&t, "a.example.com"), "suffix");
+        assert_eq!(vh(&t, "foo-bar.example.org"), "dash");
+        assert_eq!(vh(&t, "www.example.net"), "prefix_long");
+        assert_eq!(vh(&t, "www.other.net"), "prefix");
+        // The wildcard must match at least one character.
+        assert_eq!(vh(&t, ".example.com"), "any");
+        assert_eq!(vh(&t, "nothing.net"), "any");
+    }
+
+    #[test]
+    fn ports_are_part_of_the_host_unless_ignored() {
+        let t = table(DOMAINS).unwrap();
+        assert_eq!(vh(&t, "ported.com:8080"), "port");
+        assert_eq!(vh(&t, "a.example.com:8080"), "any");
+        let t = table(&format!("ignore_port_in_host_matching: true\n{DOMAINS}")).unwrap();
+        assert_eq!(vh(&t, "a.example.com:8080"), "suffix");
+    }
+
+    #[test]
+    fn no_default_means_no_virtual_host() {
+        let t = table("virtual_hosts: [{name: a, domains: [a.com]}]").unwrap();
+        assert!(t.virtual_host("b.com").is_none());
+    }
+
+    #[test]
+    fn duplicate_domains_are_rejected() {
+        let e = table("virtual_hosts: [{name: a, domains: [a.com]}, {name: b, domains: [A.com]}]").unwrap_err();
+        assert_eq!(e.0[0].path, "route_config.virtual_hosts[1].domains[0]");
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6() {
+        assert_eq!(strip_port("a.com:80"), Some("a.com"));
+        assert_eq!(strip_port("[::1]:80"), Some("[::1]"));
+        assert_eq!(strip_port("[::1]"), None);
+        assert_eq!(strip_port("a.com"), None);
+    }
+}
