@@ -4,6 +4,7 @@
 // part of speaking Envoy's API.
 #![allow(deprecated)]
 
+pub mod cluster;
 pub mod config;
 pub mod route;
 

@@ -113,10 +113,9 @@ mod tests {
 
     #[test]
     fn unknown_field_is_reported_with_its_path() {
-        let err = parse_bootstrap(
-            "static_resources:\n  clusters:\n  - name: a\n    bogus_field: 1\n",
-        )
-        .unwrap_err();
+        let err =
+            parse_bootstrap("static_resources:\n  clusters:\n  - name: a\n    bogus_field: 1\n")
+                .unwrap_err();
         assert_eq!(err.0[0].path, "static_resources.clusters[0]");
         assert!(err.0[0].reason.contains("bogus_field"), "{err}");
     }
@@ -132,8 +131,10 @@ mod tests {
 
     #[test]
     fn json_and_camel_case_parse() {
-        let b = parse_bootstrap(r#"{"staticResources":{"clusters":[{"name":"a","connectTimeout":"0.25s"}]}}"#)
-            .unwrap();
+        let b = parse_bootstrap(
+            r#"{"staticResources":{"clusters":[{"name":"a","connectTimeout":"0.25s"}]}}"#,
+        )
+        .unwrap();
         let c = &b.static_resources.unwrap().clusters[0];
         assert_eq!(c.connect_timeout.unwrap().nanos, 250_000_000);
     }

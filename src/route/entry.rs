@@ -63,7 +63,8 @@ fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
     if case_sensitive {
         s.starts_with(prefix)
     } else {
-        s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        s.len() >= prefix.len()
+            && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
     }
 }
 
@@ -81,7 +82,15 @@ impl RouteMatch {
             filter_state,
             path_specifier,
         } = m;
-        reject_set!(errs, at, runtime_fraction, cookies, tls_context, dynamic_metadata, filter_state);
+        reject_set!(
+            errs,
+            at,
+            runtime_fraction,
+            cookies,
+            tls_context,
+            dynamic_metadata,
+            filter_state
+        );
         let case_sensitive = case_sensitive.map_or(true, |b| b.value);
         let path = match path_specifier {
             Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
@@ -107,7 +116,10 @@ impl RouteMatch {
                 return None;
             }
             None => {
-                errs.add(at, "one of prefix, path, safe_regex or path_separated_prefix is required");
+                errs.add(
+                    at,
+                    "one of prefix, path, safe_regex or path_separated_prefix is required",
+                );
                 return None;
             }
         };
@@ -219,7 +231,13 @@ impl WeightedClusters {
                 typed_per_filter_config,
                 host_rewrite_specifier,
             } = c;
-            reject_set!(errs, &at, cluster_header, metadata_match, typed_per_filter_config);
+            reject_set!(
+                errs,
+                &at,
+                cluster_header,
+                metadata_match,
+                typed_per_filter_config
+            );
             if name.is_empty() {
                 errs.add(join(&at, "name"), "must not be empty");
             }
@@ -271,10 +289,16 @@ impl WeightedClusters {
             }
         }
         if total == 0 {
-            errs.add(join(at, "clusters"), "the sum of weights must be greater than 0");
+            errs.add(
+                join(at, "clusters"),
+                "the sum of weights must be greater than 0",
+            );
             return None;
         }
-        Some(WeightedClusters { clusters: out, total })
+        Some(WeightedClusters {
+            clusters: out,
+            total,
+        })
     }
 
     /// Picks a cluster with a value in `[0, total)`, as Envoy walks the list.
@@ -382,14 +406,17 @@ impl RouteAction {
                 match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
                     Ok(n) if !h.starts_with(':') => ClusterChoice::FromHeader(n),
                     _ => {
-                        errs.add(join(at, "cluster_header"), format!("invalid header name '{h}'"));
+                        errs.add(
+                            join(at, "cluster_header"),
+                            format!("invalid header name '{h}'"),
+                        );
                         return None;
                     }
                 }
             }
-            Some(ClusterSpecifier::WeightedClusters(w)) => {
-                ClusterChoice::Weighted(WeightedClusters::convert(w, &join(at, "weighted_clusters"), errs)?)
-            }
+            Some(ClusterSpecifier::WeightedClusters(w)) => ClusterChoice::Weighted(
+                WeightedClusters::convert(w, &join(at, "weighted_clusters"), errs)?,
+            ),
             Some(ClusterSpecifier::ClusterSpecifierPlugin(_)) => {
                 errs.add(join(at, "cluster_specifier_plugin"), "not supported");
                 return None;
@@ -399,21 +426,28 @@ impl RouteAction {
                 return None;
             }
             None => {
-                errs.add(at, "one of cluster, cluster_header or weighted_clusters is required");
+                errs.add(
+                    at,
+                    "one of cluster, cluster_header or weighted_clusters is required",
+                );
                 return None;
             }
         };
-        let cluster_not_found_status = match ClusterNotFoundResponseCode::try_from(*cluster_not_found_response_code) {
-            Ok(ClusterNotFoundResponseCode::ServiceUnavailable) => 503,
-            Ok(ClusterNotFoundResponseCode::NotFound) => 404,
-            Ok(ClusterNotFoundResponseCode::InternalServerError) => 500,
-            Err(_) => {
-                errs.add(join(at, "cluster_not_found_response_code"), "unknown value");
-                503
-            }
-        };
+        let cluster_not_found_status =
+            match ClusterNotFoundResponseCode::try_from(*cluster_not_found_response_code) {
+                Ok(ClusterNotFoundResponseCode::ServiceUnavailable) => 503,
+                Ok(ClusterNotFoundResponseCode::NotFound) => 404,
+                Ok(ClusterNotFoundResponseCode::InternalServerError) => 500,
+                Err(_) => {
+                    errs.add(join(at, "cluster_not_found_response_code"), "unknown value");
+                    503
+                }
+            };
         if !prefix_rewrite.is_empty() && regex_rewrite.is_some() {
-            errs.add(at, "prefix_rewrite and regex_rewrite are mutually exclusive");
+            errs.add(
+                at,
+                "prefix_rewrite and regex_rewrite are mutually exclusive",
+            );
         }
         let regex_rewrite = regex_rewrite
             .as_ref()
@@ -522,7 +556,9 @@ impl Redirect {
         let scheme = match scheme_rewrite_specifier {
             Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".to_string()),
             Some(SchemeRewriteSpecifier::HttpsRedirect(false)) => None,
-            Some(SchemeRewriteSpecifier::SchemeRedirect(s)) if !s.is_empty() => Some(s.to_ascii_lowercase()),
+            Some(SchemeRewriteSpecifier::SchemeRedirect(s)) if !s.is_empty() => {
+                Some(s.to_ascii_lowercase())
+            }
             Some(SchemeRewriteSpecifier::SchemeRedirect(_)) => None,
             None => None,
         };
@@ -533,9 +569,9 @@ impl Redirect {
                 path: p.clone(),
             }),
             Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(RedirectPath::Prefix(p.clone())),
-            Some(PathRewriteSpecifier::RegexRewrite(r)) => {
-                Some(RedirectPath::Regex(RegexRewrite::convert(r, &join(at, "regex_rewrite"), errs)?))
-            }
+            Some(PathRewriteSpecifier::RegexRewrite(r)) => Some(RedirectPath::Regex(
+                RegexRewrite::convert(r, &join(at, "regex_rewrite"), errs)?,
+            )),
             Some(PathRewriteSpecifier::PathRewrite(_)) => {
                 errs.add(join(at, "path_rewrite"), "not supported");
                 return None;
@@ -575,9 +611,8 @@ impl Redirect {
                     }
                 }
             }
-            Some(RedirectPath::Prefix(p)) => {
-                rewrite_path(req.path, matched_prefix, Some(p), None).unwrap_or_else(|| req.path.to_string())
-            }
+            Some(RedirectPath::Prefix(p)) => rewrite_path(req.path, matched_prefix, Some(p), None)
+                .unwrap_or_else(|| req.path.to_string()),
             Some(RedirectPath::Regex(r)) => {
                 rewrite_path(req.path, None, None, Some(r)).unwrap_or_else(|| req.path.to_string())
             }
@@ -597,7 +632,12 @@ impl Redirect {
 
 /// Envoy drops the request's port when a new port is set, or when the scheme changes and the
 /// port was the old scheme's default.
-fn request_host_for_redirect<'a>(host: &'a str, old_scheme: &str, new_scheme: &str, new_port: &str) -> &'a str {
+fn request_host_for_redirect<'a>(
+    host: &'a str,
+    old_scheme: &str,
+    new_scheme: &str,
+    new_port: &str,
+) -> &'a str {
     if host.is_empty() {
         return host;
     }
@@ -655,7 +695,12 @@ pub fn read_data_source(d: &DataSource, at: &str, errs: &mut Errors) -> Option<V
 }
 
 impl DirectResponse {
-    fn convert(d: &DirectResponseAction, at: &str, max_body: usize, errs: &mut Errors) -> Option<Self> {
+    fn convert(
+        d: &DirectResponseAction,
+        at: &str,
+        max_body: usize,
+        errs: &mut Errors,
+    ) -> Option<Self> {
         let DirectResponseAction {
             status,
             body,
@@ -673,7 +718,10 @@ impl DirectResponse {
                 if bytes.len() > max_body {
                     errs.add(
                         join(at, "body"),
-                        format!("is {} bytes, over max_direct_response_body_size_bytes {max_body}", bytes.len()),
+                        format!(
+                            "is {} bytes, over max_direct_response_body_size_bytes {max_body}",
+                            bytes.len()
+                        ),
                     );
                     return None;
                 }
@@ -688,7 +736,12 @@ impl DirectResponse {
 }
 
 impl Route {
-    pub fn convert(r: &RouteProto, at: &str, max_direct_body: usize, errs: &mut Errors) -> Option<Self> {
+    pub fn convert(
+        r: &RouteProto,
+        at: &str,
+        max_direct_body: usize,
+        errs: &mut Errors,
+    ) -> Option<Self> {
         let RouteProto {
             name,
             r#match,
@@ -724,12 +777,14 @@ impl Route {
         };
         let matcher = RouteMatch::convert(m, &join(at, "match"), errs);
         let action = match action {
-            Some(ActionProto::Route(a)) => {
-                RouteAction::convert(a, &join(at, "route"), errs).map(|a| Action::Forward(Box::new(a)))
+            Some(ActionProto::Route(a)) => RouteAction::convert(a, &join(at, "route"), errs)
+                .map(|a| Action::Forward(Box::new(a))),
+            Some(ActionProto::Redirect(r)) => {
+                Redirect::convert(r, &join(at, "redirect"), errs).map(Action::Redirect)
             }
-            Some(ActionProto::Redirect(r)) => Redirect::convert(r, &join(at, "redirect"), errs).map(Action::Redirect),
             Some(ActionProto::DirectResponse(d)) => {
-                DirectResponse::convert(d, &join(at, "direct_response"), max_direct_body, errs).map(Action::Direct)
+                DirectResponse::convert(d, &join(at, "direct_response"), max_direct_body, errs)
+                    .map(Action::Direct)
             }
             Some(ActionProto::FilterAction(_)) => {
                 errs.add(join(at, "filter_action"), "not supported");
@@ -815,7 +870,8 @@ mod tests {
         assert!(r.matches(&req("/api/x", &h)));
         assert!(r.matches(&req("/apix", &h)));
         assert!(!r.matches(&req("/API", &h)));
-        let r = route("match: {prefix: /api, case_sensitive: false}\ndirect_response: {status: 200}");
+        let r =
+            route("match: {prefix: /api, case_sensitive: false}\ndirect_response: {status: 200}");
         assert!(r.matches(&req("/API/x", &h)));
     }
 
@@ -840,7 +896,8 @@ mod tests {
     #[test]
     fn safe_regex_matches_whole_path() {
         let h = http::HeaderMap::new();
-        let r = route("match: {safe_regex: {regex: '/v[0-9]+/.*'}}\ndirect_response: {status: 200}");
+        let r =
+            route("match: {safe_regex: {regex: '/v[0-9]+/.*'}}\ndirect_response: {status: 200}");
         assert!(r.matches(&req("/v1/users?x", &h)));
         assert!(!r.matches(&req("/x/v1/users", &h)));
     }
@@ -848,38 +905,64 @@ mod tests {
     #[test]
     fn rewrites_keep_query() {
         let r = route("match: {prefix: /old}\nroute: {cluster: c, prefix_rewrite: /new}");
-        assert_eq!(r.rewritten_path("/old/a?q=1").as_deref(), Some("/new/a?q=1"));
+        assert_eq!(
+            r.rewritten_path("/old/a?q=1").as_deref(),
+            Some("/new/a?q=1")
+        );
         let r = route(
             "match: {prefix: /}\nroute: {cluster: c, regex_rewrite: {pattern: {regex: '^/svc/([^/]+)/(.*)$'}, substitution: '/\\2/\\1'}}",
         );
-        assert_eq!(r.rewritten_path("/svc/a/b/c?q").as_deref(), Some("/b/c/a?q"));
+        assert_eq!(
+            r.rewritten_path("/svc/a/b/c?q").as_deref(),
+            Some("/b/c/a?q")
+        );
     }
 
     #[test]
     fn redirect_location_follows_envoy() {
         let h = http::HeaderMap::new();
         let r = route("match: {prefix: /}\nredirect: {https_redirect: true}");
-        let Action::Redirect(rd) = &r.action else { panic!() };
-        assert_eq!(rd.location(&req("/a?b", &h), Some("/")), "https://example.com:8080/a?b");
+        let Action::Redirect(rd) = &r.action else {
+            panic!()
+        };
+        assert_eq!(
+            rd.location(&req("/a?b", &h), Some("/")),
+            "https://example.com:8080/a?b"
+        );
         let v = RequestView::new("GET", "/a", "example.com:80", "http", &h);
         assert_eq!(rd.location(&v, Some("/")), "https://example.com/a");
         assert_eq!(rd.status, 301);
 
         let r = route("match: {prefix: /old}\nredirect: {prefix_rewrite: /new, strip_query: true, response_code: TEMPORARY_REDIRECT, port_redirect: 9000}");
-        let Action::Redirect(rd) = &r.action else { panic!() };
-        assert_eq!(rd.location(&req("/old/x?y", &h), Some("/old")), "http://example.com:9000/new/x");
+        let Action::Redirect(rd) = &r.action else {
+            panic!()
+        };
+        assert_eq!(
+            rd.location(&req("/old/x?y", &h), Some("/old")),
+            "http://example.com:9000/new/x"
+        );
         assert_eq!(rd.status, 307);
 
-        let r = route("match: {prefix: /}\nredirect: {host_redirect: other.com, path_redirect: /p}");
-        let Action::Redirect(rd) = &r.action else { panic!() };
-        assert_eq!(rd.location(&req("/x?y", &h), Some("/")), "http://other.com/p?y");
+        let r =
+            route("match: {prefix: /}\nredirect: {host_redirect: other.com, path_redirect: /p}");
+        let Action::Redirect(rd) = &r.action else {
+            panic!()
+        };
+        assert_eq!(
+            rd.location(&req("/x?y", &h), Some("/")),
+            "http://other.com/p?y"
+        );
     }
 
     #[test]
     fn weighted_pick_walks_weights() {
         let r = route("match: {prefix: /}\nroute: {weighted_clusters: {clusters: [{name: a, weight: 1}, {name: b, weight: 3}]}}");
-        let Action::Forward(a) = &r.action else { panic!() };
-        let ClusterChoice::Weighted(w) = &a.cluster else { panic!() };
+        let Action::Forward(a) = &r.action else {
+            panic!()
+        };
+        let ClusterChoice::Weighted(w) = &a.cluster else {
+            panic!()
+        };
         let picks: Vec<_> = (0..4).map(|i| w.pick(i).name.as_str()).collect();
         assert_eq!(picks, ["a", "b", "b", "b"]);
     }
@@ -894,6 +977,9 @@ mod tests {
         let mut errs = Errors::default();
         Route::convert(&proto, "vh.routes[0]", 4096, &mut errs);
         let e = errs.into_result(()).unwrap_err();
-        assert_eq!(e.0[0].to_string(), "vh.routes[0].route.hedge_policy: not supported");
+        assert_eq!(
+            e.0[0].to_string(),
+            "vh.routes[0].route.hedge_policy: not supported"
+        );
     }
 }

@@ -49,9 +49,9 @@ impl HashPolicy {
                     regex_rewrite,
                 })) => Method::Header {
                     name: header_name.to_ascii_lowercase(),
-                    rewrite: regex_rewrite
-                        .as_ref()
-                        .and_then(|r| RegexRewrite::convert(r, &join(&at, "header.regex_rewrite"), errs)),
+                    rewrite: regex_rewrite.as_ref().and_then(|r| {
+                        RegexRewrite::convert(r, &join(&at, "header.regex_rewrite"), errs)
+                    }),
                 },
                 Some(PolicySpecifier::Cookie(Cookie {
                     name,
@@ -70,7 +70,9 @@ impl HashPolicy {
                     }
                     Method::SourceIp
                 }
-                Some(PolicySpecifier::QueryParameter(QueryParameter { name })) => Method::QueryParameter(name.clone()),
+                Some(PolicySpecifier::QueryParameter(QueryParameter { name })) => {
+                    Method::QueryParameter(name.clone())
+                }
                 Some(PolicySpecifier::FilterState(_)) => {
                     errs.add(join(&at, "filter_state"), "not supported");
                     continue;
@@ -139,7 +141,10 @@ impl Method {
                 }
                 Some(h.digest())
             }
-            Method::Cookie(name) => req.cookie(name).filter(|v| !v.is_empty()).map(|v| xxh64(v.as_bytes(), 0)),
+            Method::Cookie(name) => req
+                .cookie(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| xxh64(v.as_bytes(), 0)),
             Method::SourceIp => req.remote_ip.map(|ip| xxh64(ip.to_string().as_bytes(), 0)),
             Method::QueryParameter(name) => req.query_param(name).map(|v| xxh64(v.as_bytes(), 0)),
         }

@@ -198,7 +198,12 @@ fn convert_option(opt: &HeaderValueOption, at: &str, errs: &mut Errors) -> Optio
         append_action,
         keep_empty_value,
     } = opt;
-    let Some(HeaderValueProto { key, value, raw_value }) = header else {
+    let Some(HeaderValueProto {
+        key,
+        value,
+        raw_value,
+    }) = header
+    else {
         errs.add(join(at, "header"), "required");
         return None;
     };
@@ -218,7 +223,9 @@ fn convert_option(opt: &HeaderValueOption, at: &str, errs: &mut Errors) -> Optio
         (Some(_), _) => AppendAction::OverwriteIfExistsOrAdd,
         (None, Ok(HeaderAppendAction::AppendIfExistsOrAdd)) => AppendAction::AppendIfExistsOrAdd,
         (None, Ok(HeaderAppendAction::AddIfAbsent)) => AppendAction::AddIfAbsent,
-        (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => AppendAction::OverwriteIfExistsOrAdd,
+        (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => {
+            AppendAction::OverwriteIfExistsOrAdd
+        }
         (None, Ok(HeaderAppendAction::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
         (None, Err(_)) => {
             errs.add(join(at, "append_action"), "unknown value");
@@ -226,7 +233,10 @@ fn convert_option(opt: &HeaderValueOption, at: &str, errs: &mut Errors) -> Optio
         }
     };
     if !value.is_empty() && !raw_value.is_empty() {
-        errs.add(join(at, "header"), "only one of value and raw_value may be set");
+        errs.add(
+            join(at, "header"),
+            "only one of value and raw_value may be set",
+        );
         return None;
     }
     let text = if raw_value.is_empty() {
@@ -292,7 +302,9 @@ fn parse_template(s: &str) -> Result<ValueTemplate, String> {
             continue;
         }
         let Some(end) = rest.find('%') else {
-            return Err(format!("unterminated command operator in '{s}' (write %% for a literal %)"));
+            return Err(format!(
+                "unterminated command operator in '{s}' (write %% for a literal %)"
+            ));
         };
         let op = &rest[..end];
         rest = &rest[end + 1..];
@@ -412,13 +424,21 @@ mod tests {
             &[],
             &mut h,
         );
-        let all = |n: &str| h.get_all(n).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+        let all = |n: &str| {
+            h.get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(all("a"), ["old", "new"]);
         assert_eq!(all("b"), ["old"]);
         assert_eq!(all("c"), ["new"]);
         assert!(all("d").is_empty());
         assert_eq!(all("e"), ["new"]);
-        assert!(all("f").is_empty(), "empty values are dropped unless keep_empty_value");
+        assert!(
+            all("f").is_empty(),
+            "empty values are dropped unless keep_empty_value"
+        );
     }
 
     #[test]
@@ -454,7 +474,11 @@ mod tests {
         let mut h = http::HeaderMap::new();
         let mut errs = Errors::default();
         let m = HeaderMutations::convert(
-            &[opt("x-client", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% 100%%", HeaderAppendAction::AddIfAbsent)],
+            &[opt(
+                "x-client",
+                "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% 100%%",
+                HeaderAppendAction::AddIfAbsent,
+            )],
             &[],
             "r",
             "a",

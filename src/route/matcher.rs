@@ -7,7 +7,8 @@ use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher as HeaderMatcherProto, QueryParameterMatcher as QueryParameterMatcherProto,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
-    string_matcher::MatchPattern, RegexMatchAndSubstitute, RegexMatcher, StringMatcher as StringMatcherProto,
+    string_matcher::MatchPattern, RegexMatchAndSubstitute, RegexMatcher,
+    StringMatcher as StringMatcherProto,
 };
 use regex::Regex;
 
@@ -17,7 +18,10 @@ use crate::route::request::RequestView;
 /// Compiles an Envoy `RegexMatcher` (RE2 syntax) so that it must match the whole input,
 /// as Envoy's `safe_regex` does.
 pub fn full_match_regex(m: &RegexMatcher, at: &str, errs: &mut Errors) -> Option<Regex> {
-    let RegexMatcher { regex, engine_type: _ } = m;
+    let RegexMatcher {
+        regex,
+        engine_type: _,
+    } = m;
     match Regex::new(&format!("^(?:{regex})$")) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -29,7 +33,10 @@ pub fn full_match_regex(m: &RegexMatcher, at: &str, errs: &mut Errors) -> Option
 
 /// An unanchored regex, for rewrites that replace every match.
 pub fn search_regex(m: &RegexMatcher, at: &str, errs: &mut Errors) -> Option<Regex> {
-    let RegexMatcher { regex, engine_type: _ } = m;
+    let RegexMatcher {
+        regex,
+        engine_type: _,
+    } = m;
     match Regex::new(regex) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -48,7 +55,10 @@ pub struct RegexRewrite {
 
 impl RegexRewrite {
     pub fn convert(p: &RegexMatchAndSubstitute, at: &str, errs: &mut Errors) -> Option<Self> {
-        let RegexMatchAndSubstitute { pattern, substitution } = p;
+        let RegexMatchAndSubstitute {
+            pattern,
+            substitution,
+        } = p;
         let Some(pattern) = pattern else {
             errs.add(join(at, "pattern"), "required");
             return None;
@@ -107,8 +117,17 @@ pub struct StringMatcher {
 
 impl StringMatcher {
     pub fn convert(m: &StringMatcherProto, at: &str, errs: &mut Errors) -> Option<Self> {
-        let StringMatcherProto { ignore_case, match_pattern } = m;
-        let lower = |s: &String| if *ignore_case { s.to_ascii_lowercase() } else { s.clone() };
+        let StringMatcherProto {
+            ignore_case,
+            match_pattern,
+        } = m;
+        let lower = |s: &String| {
+            if *ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
         let pattern = match match_pattern {
             Some(MatchPattern::Exact(s)) => Pattern::Exact(lower(s)),
             Some(MatchPattern::Prefix(s)) => Pattern::Prefix(lower(s)),
@@ -122,7 +141,10 @@ impl StringMatcher {
                 return None;
             }
             None => {
-                errs.add(at, "one of exact, prefix, suffix, contains or safe_regex is required");
+                errs.add(
+                    at,
+                    "one of exact, prefix, suffix, contains or safe_regex is required",
+                );
                 return None;
             }
         };
@@ -133,7 +155,8 @@ impl StringMatcher {
     }
 
     pub fn matches(&self, value: &str) -> bool {
-        let value: Cow<'_, str> = if self.ignore_case && !matches!(self.pattern, Pattern::Regex(_)) {
+        let value: Cow<'_, str> = if self.ignore_case && !matches!(self.pattern, Pattern::Regex(_))
+        {
             Cow::Owned(value.to_ascii_lowercase())
         } else {
             Cow::Borrowed(value)
@@ -153,7 +176,10 @@ enum HeaderMatch {
     /// Empty matches any value, as in Envoy.
     Exact(String),
     Regex(Regex),
-    Range { start: i64, end: i64 },
+    Range {
+        start: i64,
+        end: i64,
+    },
     Present(bool),
     Prefix(String),
     Suffix(String),
@@ -216,15 +242,19 @@ impl HeaderMatcher {
             None => {
                 let is_present_true = matches!(self.kind, HeaderMatch::Present(true));
                 let is_present_false = matches!(self.kind, HeaderMatch::Present(false));
-                return if self.invert { is_present_true } else { is_present_false };
+                return if self.invert {
+                    is_present_true
+                } else {
+                    is_present_false
+                };
             }
         };
         let matched = match &self.kind {
             HeaderMatch::Exact(s) => s.is_empty() || value == s.as_str(),
             HeaderMatch::Regex(r) => r.is_match(&value),
-            HeaderMatch::Range { start, end } => value
-                .parse::<i64>()
-                .is_ok_and(|v| v >= *start && v < *end),
+            HeaderMatch::Range { start, end } => {
+                value.parse::<i64>().is_ok_and(|v| v >= *start && v < *end)
+            }
             HeaderMatch::Present(p) => *p,
             HeaderMatch::Prefix(s) => value.starts_with(s.as_str()),
             HeaderMatch::Suffix(s) => value.ends_with(s.as_str()),
@@ -351,9 +381,24 @@ mod tests {
     fn header_exact_and_invert() {
         let h = headers(&[("x-test", "v1")]);
         let v = view("/", &h);
-        assert!(hm(Some(HeaderMatchSpecifier::ExactMatch("v1".into())), false, false).matches(&v));
-        assert!(!hm(Some(HeaderMatchSpecifier::ExactMatch("v1".into())), true, false).matches(&v));
-        assert!(!hm(Some(HeaderMatchSpecifier::ExactMatch("v2".into())), false, false).matches(&v));
+        assert!(hm(
+            Some(HeaderMatchSpecifier::ExactMatch("v1".into())),
+            false,
+            false
+        )
+        .matches(&v));
+        assert!(!hm(
+            Some(HeaderMatchSpecifier::ExactMatch("v1".into())),
+            true,
+            false
+        )
+        .matches(&v));
+        assert!(!hm(
+            Some(HeaderMatchSpecifier::ExactMatch("v2".into())),
+            false,
+            false
+        )
+        .matches(&v));
     }
 
     #[test]
@@ -364,7 +409,12 @@ mod tests {
         assert!(!hm(exact.clone(), false, false).matches(&v));
         // An inverted value match does not match a missing header (only present_match does).
         assert!(!hm(exact.clone(), true, false).matches(&v));
-        assert!(hm(Some(HeaderMatchSpecifier::PresentMatch(false)), false, false).matches(&v));
+        assert!(hm(
+            Some(HeaderMatchSpecifier::PresentMatch(false)),
+            false,
+            false
+        )
+        .matches(&v));
         assert!(!hm(Some(HeaderMatchSpecifier::PresentMatch(true)), false, false).matches(&v));
         assert!(hm(Some(HeaderMatchSpecifier::PresentMatch(true)), true, false).matches(&v));
         // treat_missing_header_as_empty: the value is "".
@@ -376,7 +426,10 @@ mod tests {
     #[test]
     fn header_range_and_multiple_values() {
         let h = headers(&[("x-test", "5")]);
-        let range = Some(HeaderMatchSpecifier::RangeMatch(Int64Range { start: 1, end: 6 }));
+        let range = Some(HeaderMatchSpecifier::RangeMatch(Int64Range {
+            start: 1,
+            end: 6,
+        }));
         assert!(hm(range.clone(), false, false).matches(&view("/", &h)));
         let h = headers(&[("x-test", "6")]);
         assert!(!hm(range.clone(), false, false).matches(&view("/", &h)));
@@ -411,7 +464,9 @@ mod tests {
         let present = QueryParameterMatcher::convert(
             &QueryParameterMatcherProto {
                 name: "debug".into(),
-                query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::PresentMatch(true)),
+                query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::PresentMatch(
+                    true,
+                )),
             },
             "q",
             &mut errs,

@@ -92,7 +92,10 @@ impl<'a> RequestView<'a> {
                 let part = part.trim();
                 if let Some((k, v)) = part.split_once('=') {
                     if k == name {
-                        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+                        let v = v
+                            .strip_prefix('"')
+                            .and_then(|v| v.strip_suffix('"'))
+                            .unwrap_or(v);
                         return Some(v);
                     }
                 }

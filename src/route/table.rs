@@ -4,7 +4,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost as VirtualHostProto};
+use envoy_types::pb::envoy::config::route::v3::{
+    RouteConfiguration, VirtualHost as VirtualHostProto,
+};
 
 use crate::config::error::{index, join, Errors};
 use crate::reject_set;
@@ -283,7 +285,10 @@ pub fn strip_port(host: &str) -> Option<&str> {
             return None;
         }
     }
-    host[colon + 1..].bytes().all(|b| b.is_ascii_digit()).then(|| &host[..colon])
+    host[colon + 1..]
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| &host[..colon])
 }
 
 #[cfg(test)]
@@ -292,7 +297,8 @@ mod tests {
     use crate::config::load::parse_message;
 
     fn table(yaml: &str) -> Result<RouteTable, crate::config::ConfigErrors> {
-        let proto: RouteConfiguration = parse_message(yaml, "envoy.config.route.v3.RouteConfiguration")?;
+        let proto: RouteConfiguration =
+            parse_message(yaml, "envoy.config.route.v3.RouteConfiguration")?;
         let mut errs = Errors::default();
         let t = RouteTable::convert(&proto, "route_config", &mut errs);
         errs.into_result(t.unwrap())
@@ -346,7 +352,8 @@ virtual_hosts:
 
     #[test]
     fn duplicate_domains_are_rejected() {
-        let e = table("virtual_hosts: [{name: a, domains: [a.com]}, {name: b, domains: [A.com]}]").unwrap_err();
+        let e = table("virtual_hosts: [{name: a, domains: [a.com]}, {name: b, domains: [A.com]}]")
+            .unwrap_err();
         assert_eq!(e.0[0].path, "route_config.virtual_hosts[1].domains[0]");
     }
 
