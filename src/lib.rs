@@ -6,7 +6,12 @@
 
 pub mod cluster;
 pub mod config;
+pub mod filter;
+pub mod listener;
+pub mod proxy;
 pub mod route;
+pub mod server;
+pub mod snapshot;
 
 /// This machine's hostname, for `%HOSTNAME%`.
 pub fn hostname() -> String {
@@ -14,3 +19,6 @@ pub fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+/// The configuration `legate` runs when no `-c` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../conf/default.yaml");

@@ -1,1 +1,84 @@
-fn main() {}
+//! The `legate` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use legate::server::{run, ConfigSource};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Run the gateway.
+    Serve,
+    /// Check the configuration and exit (like `envoy --mode validate`).
+    Validate,
+}
+
+/// legate: an Envoy-compatible HTTP gateway on Pingora.
+///
+/// Give it an Envoy v3 bootstrap (YAML or JSON, the same file Envoy takes) with -c.
+/// Without -c it runs a built-in config that answers on http://127.0.0.1:8080.
+/// Send SIGHUP to reload the file; a file that fails validation is rejected and the last
+/// good config keeps serving. Logging: --log-level, or RUST_LOG for per-module filters.
+#[derive(Debug, Parser)]
+#[command(name = "legate", version)]
+struct Args {
+    /// Envoy v3 bootstrap file (YAML or JSON).
+    #[arg(short = 'c', long = "config-path", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Validate the configuration, print OK or every error with its field path, and exit
+    /// (status 1 on errors). Same as --mode validate.
+    #[arg(long)]
+    validate: bool,
+
+    /// serve (default) or validate.
+    #[arg(long, value_enum, default_value_t = Mode::Serve)]
+    mode: Mode,
+
+    /// Log level: trace, debug, info, warn, error or off. RUST_LOG, when set, wins.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    log_level: String,
+
+    /// Worker threads (Envoy's --concurrency); defaults to the number of CPUs.
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let env = env_logger::Env::default().default_filter_or(args.log_level.as_str());
+    env_logger::Builder::from_env(env).init();
+
+    let source = match &args.config {
+        Some(p) => ConfigSource::File(p.clone()),
+        None => ConfigSource::BuiltIn(legate::DEFAULT_CONFIG),
+    };
+    if args.validate || args.mode == Mode::Validate {
+        return match source.load() {
+            Ok(_) => {
+                println!("OK");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    println!("{e}");
+                }
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let threads = args
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    match run(source, threads) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(errors) => {
+            eprintln!("legate: configuration rejected:");
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -303,15 +303,19 @@ impl WeightedClusters {
 
     /// Picks a cluster with a value in `[0, total)`, as Envoy walks the list.
     pub fn pick(&self, random: u64) -> &WeightedClusterEntry {
+        &self.clusters[self.pick_index(random)]
+    }
+
+    pub fn pick_index(&self, random: u64) -> usize {
         let mut point = random % self.total;
-        for c in &self.clusters {
+        for (i, c) in self.clusters.iter().enumerate() {
             if point < c.weight {
-                return c;
+                return i;
             }
             point -= c.weight;
         }
         // Unreachable while weights add up to `total`; the last entry is the safe answer.
-        &self.clusters[self.clusters.len() - 1]
+        self.clusters.len() - 1
     }
 }
 

@@ -237,6 +237,10 @@ impl RouteTable {
     /// The virtual host for a Host header value: exact, longest `*suffix`, longest
     /// `prefix*`, then `*`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.virtual_hosts.get(self.virtual_host_index(host)?)
+    }
+
+    fn virtual_host_index(&self, host: &str) -> Option<usize> {
         let mut host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(host.to_ascii_lowercase())
         } else {
@@ -264,15 +268,29 @@ impl RouteTable {
                     .map(|(_, i)| *i)
             })
             .or(self.default)?;
-        self.virtual_hosts.get(idx)
+        Some(idx)
     }
 
     pub fn route<'a>(&'a self, req: &RequestView<'_>) -> Option<Matched<'a>> {
-        let vh = self.virtual_host(req.host)?;
-        let route = vh.routes.iter().find(|r| r.matches(req))?;
+        let (v, r) = self.route_index(req)?;
+        self.matched(v, r)
+    }
+
+    /// (virtual host, route) indices of the first route that matches.
+    pub fn route_index(&self, req: &RequestView<'_>) -> Option<(usize, usize)> {
+        let v = self.virtual_host_index(req.host)?;
+        let r = self.virtual_hosts[v]
+            .routes
+            .iter()
+            .position(|r| r.matches(req))?;
+        Some((v, r))
+    }
+
+    pub fn matched(&self, v: usize, r: usize) -> Option<Matched<'_>> {
+        let virtual_host = self.virtual_hosts.get(v)?;
         Some(Matched {
-            virtual_host: vh,
-            route,
+            virtual_host,
+            route: virtual_host.routes.get(r)?,
         })
     }
 }

@@ -1,0 +1,475 @@
+//! Listeners and their HTTP connection manager (HCM) settings.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions;
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter::ConfigType, Filter, FilterChain, Listener as ListenerProto,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{
+        CodecType, RouteSpecifier, ServerHeaderTransformation, StripPortMode,
+    },
+    HttpConnectionManager as HcmProto,
+};
+
+use crate::cluster::socket_address;
+use crate::config::duration;
+use crate::config::error::{index, join, Errors};
+use crate::config::load::unpack_any;
+use crate::filter::FilterChain as HttpFilterChain;
+use crate::reject_set;
+use crate::route::RouteTable;
+
+const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
+/// Envoy's default downstream connection idle timeout.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHeader {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripPort {
+    None,
+    /// `strip_matching_host_port`: only the listener's own port.
+    Matching,
+    /// `strip_any_host_port`.
+    Any,
+}
+
+/// The HCM of a listener, compiled.
+#[derive(Debug)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub routes: RouteTable,
+    pub filters: HttpFilterChain,
+    pub server_name: String,
+    pub server_header: ServerHeader,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub via: Option<String>,
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    /// None: disabled.
+    pub idle_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+    pub strip_port: StripPort,
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub hcm: HttpConnectionManager,
+}
+
+impl Listener {
+    pub fn convert(
+        l: &ListenerProto,
+        at: &str,
+        default_name: String,
+        errs: &mut Errors,
+    ) -> Option<Self> {
+        let ListenerProto {
+            name,
+            address,
+            additional_addresses,
+            stat_prefix,
+            stats_matcher,
+            filter_chains,
+            fcds_config,
+            use_original_dst,
+            default_filter_chain,
+            per_connection_buffer_limit_bytes,
+            metadata: _,
+            deprecated_v1,
+            drain_type,
+            listener_filters,
+            listener_filters_timeout,
+            continue_on_listener_filters_timeout,
+            transparent,
+            freebind,
+            socket_options,
+            tcp_fast_open_queue_length,
+            traffic_direction: _,
+            udp_listener_config,
+            api_listener,
+            connection_balance_config,
+            reuse_port,
+            enable_reuse_port,
+            access_log,
+            tcp_backlog_size,
+            max_connections_to_accept_per_socket_event,
+            bind_to_port,
+            enable_mptcp,
+            ignore_global_conn_limit,
+            bypass_overload_manager,
+            tcp_keepalive,
+            listener_specifier,
+            filter_chain_matcher,
+            per_connection_buffer_high_watermark_timeout,
+        } = l;
+        // traffic_direction is a hint for stats and tracing, with no routing effect.
+        reject_set!(
+            errs,
+            at,
+            additional_addresses,
+            stat_prefix,
+            stats_matcher,
+            fcds_config,
+            use_original_dst,
+            default_filter_chain,
+            per_connection_buffer_limit_bytes,
+            deprecated_v1,
+            drain_type,
+            listener_filters,
+            listener_filters_timeout,
+            continue_on_listener_filters_timeout,
+            transparent,
+            freebind,
+            socket_options,
+            tcp_fast_open_queue_length,
+            udp_listener_config,
+            api_listener,
+            connection_balance_config,
+            reuse_port,
+            enable_reuse_port,
+            access_log,
+            tcp_backlog_size,
+            max_connections_to_accept_per_socket_event,
+            bind_to_port,
+            enable_mptcp,
+            ignore_global_conn_limit,
+            bypass_overload_manager,
+            tcp_keepalive,
+            listener_specifier,
+            filter_chain_matcher,
+            per_connection_buffer_high_watermark_timeout,
+        );
+        let (host, port) = socket_address(address, &join(at, "address"), errs)?;
+        let ip: IpAddr = match host.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                errs.add(
+                    join(at, "address.socket_address.address"),
+                    format!("'{host}' is not an IP address"),
+                );
+                return None;
+            }
+        };
+        let address = SocketAddr::new(ip, port);
+        if filter_chains.len() != 1 {
+            errs.add(
+                join(at, "filter_chains"),
+                "exactly one filter chain is supported (filter_chain_match comes with TLS)",
+            );
+            return None;
+        }
+        let hcm = convert_filter_chain(
+            &filter_chains[0],
+            &index(&join(at, "filter_chains"), 0),
+            port,
+            errs,
+        )?;
+        Some(Listener {
+            name: if name.is_empty() {
+                default_name
+            } else {
+                name.clone()
+            },
+            address,
+            hcm,
+        })
+    }
+}
+
+fn convert_filter_chain(
+    fc: &FilterChain,
+    at: &str,
+    port: u16,
+    errs: &mut Errors,
+) -> Option<HttpConnectionManager> {
+    let FilterChain {
+        filter_chain_match,
+        filters,
+        use_proxy_proto,
+        metadata: _,
+        transport_socket,
+        transport_socket_connect_timeout,
+        name: _,
+    } = fc;
+    reject_set!(
+        errs,
+        at,
+        filter_chain_match,
+        use_proxy_proto,
+        transport_socket,
+        transport_socket_connect_timeout,
+    );
+    if filters.len() != 1 {
+        errs.add(
+            join(at, "filters"),
+            "exactly one network filter, envoy.filters.network.http_connection_manager, is supported",
+        );
+        return None;
+    }
+    let at = index(&join(at, "filters"), 0);
+    let Filter { name, config_type } = &filters[0];
+    let any = match config_type {
+        Some(ConfigType::TypedConfig(a)) => a,
+        _ => {
+            errs.add(join(&at, "typed_config"), format!("required for {name}"));
+            return None;
+        }
+    };
+    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if type_name != HCM_TYPE {
+        errs.add(
+            &at,
+            format!("network filter '{name}' ({type_name}) is not supported; use {HCM_NAME}"),
+        );
+        return None;
+    }
+    let hcm = match unpack_any::<HcmProto>(any, HCM_TYPE, &at) {
+        Ok(h) => h,
+        Err(e) => {
+            errs.extend(e);
+            return None;
+        }
+    };
+    convert_hcm(&hcm, &join(&at, "typed_config"), port, errs)
+}
+
+fn convert_hcm(
+    h: &HcmProto,
+    at: &str,
+    _port: u16,
+    errs: &mut Errors,
+) -> Option<HttpConnectionManager> {
+    let HcmProto {
+        codec_type,
+        stat_prefix,
+        http_filters,
+        add_user_agent,
+        tracing,
+        common_http_protocol_options,
+        http1_safe_max_connection_duration,
+        http_protocol_options,
+        http2_protocol_options,
+        http3_protocol_options,
+        server_name,
+        server_header_transformation,
+        scheme_header_transformation,
+        max_request_headers_kb,
+        stream_idle_timeout,
+        stream_flush_timeout,
+        request_timeout,
+        request_headers_timeout,
+        drain_timeout,
+        drain_timeout_jitter,
+        delayed_close_timeout,
+        access_log,
+        access_log_flush_interval,
+        flush_access_log_on_new_request,
+        access_log_options,
+        use_remote_address,
+        xff_num_trusted_hops,
+        original_ip_detection_extensions,
+        early_header_mutation_extensions,
+        internal_address_config,
+        skip_xff_append,
+        via,
+        generate_request_id,
+        preserve_external_request_id,
+        always_set_request_id_in_response,
+        forward_client_cert_details,
+        set_current_client_cert_details,
+        forward_client_cert_matcher,
+        proxy_100_continue,
+        represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
+        upgrade_configs,
+        normalize_path,
+        merge_slashes,
+        path_with_escaped_slashes_action,
+        request_id_extension,
+        local_reply_config,
+        strip_matching_host_port,
+        stream_error_on_invalid_http_message,
+        path_normalization_options,
+        strip_trailing_host_dot,
+        proxy_status_config,
+        typed_header_validation_config,
+        append_x_forwarded_port,
+        append_local_overload,
+        add_proxy_protocol_connection_state,
+        forward_proto_config,
+        route_specifier,
+        strip_port_mode,
+    } = h;
+    reject_set!(
+        errs,
+        at,
+        add_user_agent,
+        tracing,
+        http1_safe_max_connection_duration,
+        http_protocol_options,
+        http2_protocol_options,
+        http3_protocol_options,
+        scheme_header_transformation,
+        max_request_headers_kb,
+        stream_idle_timeout,
+        stream_flush_timeout,
+        request_headers_timeout,
+        drain_timeout,
+        drain_timeout_jitter,
+        delayed_close_timeout,
+        access_log,
+        access_log_flush_interval,
+        flush_access_log_on_new_request,
+        access_log_options,
+        original_ip_detection_extensions,
+        early_header_mutation_extensions,
+        internal_address_config,
+        forward_client_cert_details,
+        set_current_client_cert_details,
+        forward_client_cert_matcher,
+        proxy_100_continue,
+        represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
+        upgrade_configs,
+        merge_slashes,
+        path_with_escaped_slashes_action,
+        request_id_extension,
+        local_reply_config,
+        stream_error_on_invalid_http_message,
+        path_normalization_options,
+        strip_trailing_host_dot,
+        proxy_status_config,
+        typed_header_validation_config,
+        append_x_forwarded_port,
+        append_local_overload,
+        add_proxy_protocol_connection_state,
+        forward_proto_config,
+    );
+    if normalize_path.is_some_and(|b| b.value) {
+        errs.add(join(at, "normalize_path"), "not supported");
+    }
+    match CodecType::try_from(*codec_type) {
+        Ok(CodecType::Auto) | Ok(CodecType::Http1) => {}
+        Ok(other) => errs.add(
+            join(at, "codec_type"),
+            format!("{} is not supported yet", other.as_str_name()),
+        ),
+        Err(_) => errs.add(join(at, "codec_type"), "unknown value"),
+    }
+    if stat_prefix.is_empty() {
+        errs.add(join(at, "stat_prefix"), "must not be empty");
+    }
+    let server_header = match ServerHeaderTransformation::try_from(*server_header_transformation) {
+        Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite,
+        Ok(ServerHeaderTransformation::AppendIfAbsent) => ServerHeader::AppendIfAbsent,
+        Ok(ServerHeaderTransformation::PassThrough) => ServerHeader::PassThrough,
+        Err(_) => {
+            errs.add(join(at, "server_header_transformation"), "unknown value");
+            ServerHeader::Overwrite
+        }
+    };
+    let mut idle_timeout = Some(DEFAULT_IDLE_TIMEOUT);
+    if let Some(opts) = common_http_protocol_options {
+        idle_timeout =
+            convert_downstream_http_options(opts, &join(at, "common_http_protocol_options"), errs);
+    }
+    duration::check(request_timeout, &join(at, "request_timeout"), errs);
+    let strip_port = match (strip_matching_host_port, strip_port_mode) {
+        (true, Some(_)) => {
+            errs.add(
+                at,
+                "strip_matching_host_port and strip_any_host_port are mutually exclusive",
+            );
+            StripPort::None
+        }
+        (true, None) => StripPort::Matching,
+        (false, Some(StripPortMode::StripAnyHostPort(true))) => StripPort::Any,
+        (false, _) => StripPort::None,
+    };
+    let routes = match route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            RouteTable::convert(rc, &join(at, "route_config"), errs)
+        }
+        Some(RouteSpecifier::Rds(_)) => {
+            errs.add(
+                join(at, "rds"),
+                "not supported yet (use an inline route_config)",
+            );
+            None
+        }
+        Some(RouteSpecifier::ScopedRoutes(_)) => {
+            errs.add(join(at, "scoped_routes"), "not supported");
+            None
+        }
+        None => {
+            errs.add(at, "route_config is required");
+            None
+        }
+    };
+    let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
+    Some(HttpConnectionManager {
+        stat_prefix: stat_prefix.clone(),
+        routes: routes?,
+        filters: filters?,
+        server_name: if server_name.is_empty() {
+            "legate".to_string()
+        } else {
+            server_name.clone()
+        },
+        server_header,
+        use_remote_address: use_remote_address.is_some_and(|b| b.value),
+        xff_num_trusted_hops: *xff_num_trusted_hops,
+        skip_xff_append: *skip_xff_append,
+        via: (!via.is_empty()).then(|| via.clone()),
+        generate_request_id: generate_request_id.is_none_or(|b| b.value),
+        preserve_external_request_id: *preserve_external_request_id,
+        always_set_request_id_in_response: *always_set_request_id_in_response,
+        idle_timeout,
+        request_timeout: duration::optional_timeout(request_timeout, None),
+        strip_port,
+    })
+}
+
+fn convert_downstream_http_options(
+    o: &HttpProtocolOptions,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<Duration> {
+    let HttpProtocolOptions {
+        idle_timeout,
+        max_connection_duration,
+        max_connection_duration_jitter,
+        max_headers_count,
+        max_response_headers_kb,
+        max_stream_duration,
+        headers_with_underscores_action,
+        max_requests_per_connection,
+    } = o;
+    reject_set!(
+        errs,
+        at,
+        max_connection_duration,
+        max_connection_duration_jitter,
+        max_headers_count,
+        max_response_headers_kb,
+        max_stream_duration,
+        headers_with_underscores_action,
+        max_requests_per_connection,
+    );
+    duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
+    duration::optional_timeout(idle_timeout, Some(DEFAULT_IDLE_TIMEOUT))
+}

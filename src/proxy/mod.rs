@@ -1,0 +1,403 @@
+//! The request path: Pingora's `ProxyHttp` hooks, in the order a request meets them. Each
+//! hook is short; decisions live in `route`, `cluster` and the helpers of this module.
+
+mod downstream;
+mod local_reply;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::http::ResponseHeader;
+use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::cluster::host::{ActiveRequest, Host};
+use crate::cluster::Cluster;
+use crate::filter::FilterDecision;
+use crate::listener::{HttpConnectionManager, Listener};
+use crate::route::headers::FormatContext;
+use crate::route::{Action, ClusterChoice, Matched, RequestView};
+use crate::server::ListenerMap;
+use crate::snapshot::Snapshot;
+pub use downstream::is_internal;
+pub use local_reply::LocalReply;
+use local_reply::{NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
+
+/// The proxy behind every listener; a connection's local address tells which listener's
+/// HCM applies.
+pub struct LegateProxy {
+    listeners: Arc<ListenerMap>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl LegateProxy {
+    pub fn new(listeners: Arc<ListenerMap>, snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+        LegateProxy {
+            listeners,
+            snapshot,
+        }
+    }
+}
+
+/// Per-request state. The snapshot loaded in the first hook is kept to the end, so a config
+/// change never alters a request in flight.
+#[derive(Default)]
+pub struct RequestCtx {
+    listener: Option<Arc<Listener>>,
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<(usize, usize)>,
+    weighted: Option<usize>,
+    cluster: Option<Arc<Cluster>>,
+    host: Option<Arc<Host>>,
+    active: Option<ActiveRequest>,
+    request_id: Option<HeaderValue>,
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    deadline: Option<Instant>,
+    upstream_started: Option<Instant>,
+}
+
+impl RequestCtx {
+    fn matched(&self) -> Option<Matched<'_>> {
+        let listener = self.listener.as_deref()?;
+        let (v, r) = self.route?;
+        listener.hcm.routes.matched(v, r)
+    }
+
+    fn hcm(&self) -> Option<&HttpConnectionManager> {
+        self.listener.as_deref().map(|l| &l.hcm)
+    }
+}
+
+/// What routing decided for a request.
+enum Decision {
+    Reply(LocalReply),
+    Forward {
+        cluster: Arc<Cluster>,
+        host: Arc<Host>,
+        weighted: Option<usize>,
+        timeout: Option<Duration>,
+    },
+}
+
+#[async_trait]
+impl ProxyHttp for LegateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::default()
+    }
+
+    /// Loads the snapshot, applies the HCM's header rules and filters, routes the request,
+    /// and answers locally (direct response, redirect, 404, 503) when it does not forward.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let snapshot = self.snapshot.load_full();
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        let name = self.listeners.listener_for(local);
+        let Some(listener) = name.and_then(|n| snapshot.listener(n)).cloned() else {
+            send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;
+            return Ok(true);
+        };
+        ctx.snapshot = Some(snapshot);
+        ctx.listener = Some(listener.clone());
+        let hcm = &listener.hcm;
+        // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
+        session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
+        ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
+        ctx.local = local;
+        let listener_port = listener.address.port();
+        ctx.request_id = downstream::mutate_request_headers(
+            hcm,
+            session.req_header_mut(),
+            ctx.remote.map(|a| a.ip()),
+            listener_port,
+        );
+        for f in &hcm.filters.filters {
+            if let FilterDecision::Respond { status, body } =
+                f.on_request_headers(session.req_header_mut())
+            {
+                send_local_reply(session, ctx, LocalReply::new(status, body)).await?;
+                return Ok(true);
+            }
+        }
+        match decide(session, ctx, &listener) {
+            Decision::Reply(reply) => {
+                send_local_reply(session, ctx, reply).await?;
+                Ok(true)
+            }
+            Decision::Forward {
+                cluster,
+                host,
+                weighted,
+                timeout,
+            } => {
+                ctx.active = Some(host.start_request());
+                ctx.host = Some(host);
+                ctx.cluster = Some(cluster);
+                ctx.weighted = weighted;
+                ctx.deadline = timeout.map(|t| Instant::now() + t);
+                Ok(false)
+            }
+        }
+    }
+
+    /// The chosen endpoint, with the cluster's connect timeout and the route's timeout.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(host), Some(cluster)) = (&ctx.host, &ctx.cluster) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream chosen",
+            ));
+        };
+        let mut peer = HttpPeer::new(host.address, false, String::new());
+        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        peer.options.idle_timeout = Some(cluster.idle_timeout);
+        let route_idle = ctx.matched().and_then(|m| match &m.route.action {
+            Action::Forward(a) => a.idle_timeout,
+            _ => None,
+        });
+        let remaining = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        peer.options.read_timeout = match (remaining, route_idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(Box::new(peer))
+    }
+
+    /// Rewrites and header edits the route asks for, and Envoy's router headers.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let (Some(m), Some(hcm)) = (ctx.matched(), ctx.hcm()) else {
+            return Ok(());
+        };
+        let fmt = FormatContext {
+            remote: ctx.remote,
+            local: ctx.local,
+            protocol: "HTTP/1.1",
+            request_headers: Some(&session.req_header().headers),
+        };
+        upstream::finalize_request(
+            upstream_request,
+            m,
+            ctx.weighted,
+            hcm,
+            ctx.host.as_deref(),
+            &fmt,
+        );
+        ctx.upstream_started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Response header edits, `server`, and `x-envoy-upstream-service-time`.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let Some(hcm) = ctx.hcm() else { return Ok(()) };
+        upstream::strip_hop_by_hop_response(upstream_response);
+        if !hcm.filters.router.suppress_envoy_headers {
+            if let Some(start) = ctx.upstream_started {
+                let ms = start.elapsed().as_millis().to_string();
+                upstream_response.insert_header("x-envoy-upstream-service-time", ms)?;
+            }
+        }
+        finish_response_headers(upstream_response, ctx);
+        Ok(())
+    }
+
+    /// Upstream failures as Envoy reports them: 503 on connect failure or reset, 504 on
+    /// the route timeout.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let reply = error_reply(e);
+        let code = reply.as_ref().map_or(0, |r| r.status);
+        if let Some(reply) = reply {
+            if session.response_written().is_none() {
+                if let Err(err) = send_local_reply(session, ctx, reply).await {
+                    log::debug!("cannot send error response downstream: {err}");
+                }
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Releases the host's active-request count.
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        ctx.active = None;
+    }
+}
+
+/// Routes the request and picks the cluster and host, or says what to answer instead.
+fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decision {
+    let req = session.req_header();
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()));
+    let Some(host) = host else {
+        return Decision::Reply(LocalReply::new(400, "missing host header"));
+    };
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = req
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
+    let mut view = RequestView::new(req.method.as_str(), path, host, scheme, &req.headers);
+    view.remote_ip = ctx.remote.map(|a| a.ip());
+    let table = &listener.hcm.routes;
+    let Some((v, r)) = table.route_index(&view) else {
+        return Decision::Reply(LocalReply::new(404, ""));
+    };
+    ctx.route = Some((v, r));
+    let Some(m) = table.matched(v, r) else {
+        return Decision::Reply(LocalReply::new(404, ""));
+    };
+    let action = match &m.route.action {
+        Action::Direct(d) => {
+            return Decision::Reply(LocalReply::new(
+                d.status,
+                d.body.clone().unwrap_or_default(),
+            ));
+        }
+        Action::Redirect(rd) => {
+            let mut reply = LocalReply::new(rd.status, Bytes::new());
+            reply.location = Some(rd.location(&view, m.route.matched_prefix()));
+            return Decision::Reply(reply);
+        }
+        Action::Forward(a) => a,
+    };
+    let (cluster_name, weighted) = match &action.cluster {
+        ClusterChoice::Named(n) => (Some(n.as_str()), None),
+        ClusterChoice::FromHeader(h) => (req.headers.get(h).and_then(|v| v.to_str().ok()), None),
+        ClusterChoice::Weighted(w) => {
+            let i = w.pick_index(rand::random());
+            (w.clusters.get(i).map(|c| c.name.as_str()), Some(i))
+        }
+    };
+    let snapshot = ctx.snapshot.as_deref();
+    let Some(cluster) = cluster_name
+        .and_then(|n| snapshot.and_then(|s| s.cluster(n)))
+        .cloned()
+    else {
+        return Decision::Reply(LocalReply::new(action.cluster_not_found_status, ""));
+    };
+    let hash = if action.hash_policy.is_empty() {
+        None
+    } else {
+        action.hash_policy.hash(&view)
+    };
+    let Some(host) = cluster.pick(hash) else {
+        return Decision::Reply(LocalReply::new(503, NO_HEALTHY_UPSTREAM));
+    };
+    Decision::Forward {
+        cluster,
+        host,
+        weighted,
+        timeout: action.timeout,
+    }
+}
+
+/// Header edits every response gets, proxied or local: route/vhost/route-config
+/// mutations, the server header, the request id and the filters' response hooks.
+fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
+    let Some(hcm) = ctx.hcm() else { return };
+    if let Some(m) = ctx.matched() {
+        let fmt = FormatContext {
+            remote: ctx.remote,
+            local: ctx.local,
+            protocol: "HTTP/1.1",
+            request_headers: None,
+        };
+        upstream::apply_response_mutations(resp, m, ctx.weighted, &hcm.routes, &fmt);
+    }
+    upstream::set_server_header(resp, hcm);
+    if hcm.always_set_request_id_in_response {
+        if let Some(id) = &ctx.request_id {
+            let _ = resp.insert_header("x-request-id", id.clone());
+        }
+    }
+    for f in &hcm.filters.filters {
+        f.on_response_headers(resp);
+    }
+}
+
+async fn send_local_reply(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    reply: LocalReply,
+) -> Result<()> {
+    let server = ctx.hcm().map_or("legate", |h| h.server_name.as_str());
+    let head = session.req_header().method == http::Method::HEAD;
+    let mut resp = reply.header(server, head)?;
+    finish_response_headers(&mut resp, ctx);
+    let no_body = head || reply.body.is_empty();
+    session
+        .write_response_header(Box::new(resp), no_body)
+        .await?;
+    if !no_body {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
+}
+
+/// The local reply Envoy sends for an upstream failure; None when nothing can be sent.
+fn error_reply(e: &Error) -> Option<LocalReply> {
+    let reset = |reason: &str| {
+        LocalReply::new(
+            503,
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+            ),
+        )
+    };
+    Some(match e.etype() {
+        ErrorType::HTTPStatus(code) => LocalReply::new(*code, ""),
+        ErrorType::ConnectTimedout => reset("connection timeout"),
+        ErrorType::ConnectRefused => {
+            reset("remote connection failure, transport failure reason: delayed connect error: Connection refused")
+        }
+        ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::SocketError | ErrorType::BindError => {
+            reset("remote connection failure")
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            LocalReply::new(504, UPSTREAM_TIMEOUT)
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => reset("connection termination"),
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => return None,
+                ErrorType::ReadTimedout => LocalReply::new(408, "request timeout"),
+                _ => LocalReply::new(400, "Bad Request"),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => LocalReply::new(500, ""),
+        },
+    })
+}

@@ -1,0 +1,139 @@
+//! What the router does to the request it sends upstream and to the response it returns.
+
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::cluster::host::Host;
+use crate::listener::{HttpConnectionManager, ServerHeader};
+use crate::route::entry::HostRewrite;
+use crate::route::headers::{FormatContext, HeaderMutations, HeaderTarget};
+use crate::route::{Action, ClusterChoice, Matched, RouteTable};
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+];
+
+/// Header mutation levels in the order Envoy applies them: most specific first (so the
+/// least specific wins an overwrite) unless `most_specific_header_mutations_wins`.
+fn levels<'a>(
+    m: Matched<'a>,
+    weighted: Option<usize>,
+    table: &'a RouteTable,
+    request: bool,
+) -> Vec<&'a HeaderMutations> {
+    let pick =
+        |req: &'a HeaderMutations, resp: &'a HeaderMutations| if request { req } else { resp };
+    let mut out = Vec::with_capacity(4);
+    if let (Action::Forward(a), Some(i)) = (&m.route.action, weighted) {
+        if let ClusterChoice::Weighted(w) = &a.cluster {
+            if let Some(c) = w.clusters.get(i) {
+                out.push(pick(&c.request_headers, &c.response_headers));
+            }
+        }
+    }
+    out.push(pick(&m.route.request_headers, &m.route.response_headers));
+    out.push(pick(
+        &m.virtual_host.request_headers,
+        &m.virtual_host.response_headers,
+    ));
+    out.push(pick(&table.request_headers, &table.response_headers));
+    if table.most_specific_header_mutations_wins {
+        out.reverse();
+    }
+    out
+}
+
+pub fn finalize_request(
+    req: &mut RequestHeader,
+    m: Matched<'_>,
+    weighted: Option<usize>,
+    hcm: &HttpConnectionManager,
+    host: Option<&Host>,
+    fmt: &FormatContext<'_>,
+) {
+    for h in HOP_BY_HOP {
+        req.remove_header(*h);
+    }
+    for level in levels(m, weighted, &hcm.routes, true) {
+        level.apply(req as &mut dyn HeaderTarget, fmt);
+    }
+    let Action::Forward(action) = &m.route.action else {
+        return;
+    };
+    let suppress = hcm.filters.router.suppress_envoy_headers;
+
+    let weighted_host = match (&action.cluster, weighted) {
+        (ClusterChoice::Weighted(w), Some(i)) => w
+            .clusters
+            .get(i)
+            .and_then(|c| c.host_rewrite_literal.clone()),
+        _ => None,
+    };
+    let new_host = weighted_host.or_else(|| match &action.host_rewrite {
+        Some(HostRewrite::Literal(v)) => Some(v.clone()),
+        Some(HostRewrite::Auto) => host
+            .filter(|h| !h.hostname.is_empty())
+            .and_then(|h| http::HeaderValue::from_str(&h.hostname).ok()),
+        Some(HostRewrite::Header(name)) => req.headers.get(name).cloned(),
+        None => None,
+    });
+    if let Some(new_host) = new_host {
+        if action.append_x_forwarded_host {
+            if let Some(old) = req.headers.get(http::header::HOST).cloned() {
+                let _ = req.append_header("x-forwarded-host", old);
+            }
+        }
+        let _ = req.insert_header(http::header::HOST, new_host);
+    }
+
+    let original = req.uri.path_and_query().map(|p| p.as_str().to_string());
+    if let Some(original) = original {
+        if let Some(new_path) = m.route.rewritten_path(&original) {
+            if let Ok(uri) = new_path.parse::<http::Uri>() {
+                req.set_uri(uri);
+                if !suppress {
+                    let _ = req.insert_header("x-envoy-original-path", original);
+                }
+            }
+        }
+    }
+    if !suppress {
+        if let Some(t) = action.timeout {
+            let _ = req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string());
+        }
+    }
+}
+
+pub fn apply_response_mutations(
+    resp: &mut ResponseHeader,
+    m: Matched<'_>,
+    weighted: Option<usize>,
+    table: &RouteTable,
+    fmt: &FormatContext<'_>,
+) {
+    for level in levels(m, weighted, table, false) {
+        level.apply(resp as &mut dyn HeaderTarget, fmt);
+    }
+}
+
+pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
+    for h in ["connection", "keep-alive", "proxy-connection"] {
+        resp.remove_header(h);
+    }
+}
+
+pub fn set_server_header(resp: &mut ResponseHeader, hcm: &HttpConnectionManager) {
+    let present = resp.headers.contains_key(http::header::SERVER);
+    match hcm.server_header {
+        ServerHeader::Overwrite => {
+            let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+        }
+        ServerHeader::AppendIfAbsent if !present => {
+            let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+        }
+        _ => {}
+    }
+}

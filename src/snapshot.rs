@@ -1,0 +1,216 @@
+//! `compile`: Envoy v3 protos in, an immutable routing snapshot out. A request loads the
+//! current snapshot once and keeps it to the end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::bootstrap::v3::{bootstrap::StaticResources, Admin, Bootstrap};
+
+use crate::cluster::{socket_address, Cluster};
+use crate::config::error::{index, join, ConfigErrors, Errors};
+use crate::listener::Listener;
+use crate::reject_set;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub listeners: Vec<Arc<Listener>>,
+    listener_index: HashMap<String, usize>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub admin_address: Option<SocketAddr>,
+    pub bootstrap: Bootstrap,
+}
+
+impl Snapshot {
+    pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listener_index
+            .get(name)
+            .and_then(|i| self.listeners.get(*i))
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+}
+
+/// Validates a bootstrap and builds the runtime tables, reporting every error found.
+pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
+    let mut errs = Errors::default();
+    let Bootstrap {
+        node: _,
+        node_context_params,
+        static_resources,
+        dynamic_resources,
+        cluster_manager,
+        hds_config,
+        flags_path,
+        stats_sinks,
+        deferred_stat_options,
+        stats_config,
+        watchdog,
+        watchdogs,
+        tracing,
+        layered_runtime,
+        admin,
+        enable_dispatcher_stats,
+        header_prefix,
+        use_tcp_for_dns_lookups,
+        fatal_actions,
+        config_sources,
+        default_socket_interface,
+        inline_headers,
+        perf_tracing_file_path,
+        application_log_config,
+        memory_allocator_manager,
+        enable_worker_cpu_affinity,
+        stats_flush,
+        stats_eviction,
+        stats_flush_interval,
+        bootstrap_extensions,
+        certificate_provider_instances,
+        typed_dns_resolver_config,
+        stats_server_version_override,
+        dns_resolution_config,
+        xds_delegate_extension,
+        xds_config_tracker_extension,
+        listener_manager,
+        grpc_async_client_manager_config,
+        overload_manager,
+        default_config_source,
+        default_regex_engine,
+    } = &bootstrap;
+    // `node` identifies this gateway to management servers and is kept for them.
+    reject_set!(
+        errs,
+        "",
+        node_context_params,
+        dynamic_resources,
+        cluster_manager,
+        hds_config,
+        flags_path,
+        stats_sinks,
+        deferred_stat_options,
+        stats_config,
+        watchdog,
+        watchdogs,
+        tracing,
+        layered_runtime,
+        enable_dispatcher_stats,
+        header_prefix,
+        use_tcp_for_dns_lookups,
+        fatal_actions,
+        config_sources,
+        default_socket_interface,
+        inline_headers,
+        perf_tracing_file_path,
+        application_log_config,
+        memory_allocator_manager,
+        enable_worker_cpu_affinity,
+        stats_flush,
+        stats_eviction,
+        stats_flush_interval,
+        bootstrap_extensions,
+        certificate_provider_instances,
+        typed_dns_resolver_config,
+        stats_server_version_override,
+        dns_resolution_config,
+        xds_delegate_extension,
+        xds_config_tracker_extension,
+        listener_manager,
+        grpc_async_client_manager_config,
+        overload_manager,
+        default_config_source,
+        default_regex_engine,
+    );
+    let admin_address = admin
+        .as_ref()
+        .and_then(|a| convert_admin(a, "admin", &mut errs));
+    let mut listeners = Vec::new();
+    let mut listener_index = HashMap::new();
+    let mut clusters = HashMap::new();
+    if let Some(sr) = static_resources {
+        let StaticResources {
+            listeners: listener_protos,
+            clusters: cluster_protos,
+            secrets,
+        } = sr;
+        reject_set!(errs, "static_resources", secrets);
+        for (i, c) in cluster_protos.iter().enumerate() {
+            let at = index("static_resources.clusters", i);
+            if let Some(cluster) = Cluster::convert(c, &at, &mut errs) {
+                let name = cluster.name.clone();
+                if clusters.insert(name.clone(), Arc::new(cluster)).is_some() {
+                    errs.add(
+                        join(&at, "name"),
+                        format!("duplicate cluster name '{name}'"),
+                    );
+                }
+            }
+        }
+        let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+        for (i, l) in listener_protos.iter().enumerate() {
+            let at = index("static_resources.listeners", i);
+            let Some(listener) = Listener::convert(l, &at, format!("listener_{i}"), &mut errs)
+            else {
+                continue;
+            };
+            if listener_index.contains_key(&listener.name) {
+                errs.add(
+                    join(&at, "name"),
+                    format!("duplicate listener name '{}'", listener.name),
+                );
+                continue;
+            }
+            if let Some(other) = addresses.insert(listener.address, listener.name.clone()) {
+                errs.add(
+                    join(&at, "address"),
+                    format!("{} is already used by listener '{other}'", listener.address),
+                );
+                continue;
+            }
+            listener_index.insert(listener.name.clone(), listeners.len());
+            listeners.push(Arc::new(listener));
+        }
+    }
+    errs.into_result(())?;
+    Ok(Snapshot {
+        listeners,
+        listener_index,
+        clusters,
+        admin_address,
+        bootstrap,
+    })
+}
+
+fn convert_admin(a: &Admin, at: &str, errs: &mut Errors) -> Option<SocketAddr> {
+    let Admin {
+        access_log,
+        access_log_path,
+        profile_path,
+        address,
+        socket_options,
+        ignore_global_conn_limit,
+        allow_paths,
+    } = a;
+    reject_set!(
+        errs,
+        at,
+        access_log,
+        access_log_path,
+        profile_path,
+        socket_options,
+        ignore_global_conn_limit,
+        allow_paths,
+    );
+    let (host, port) = socket_address(address, &join(at, "address"), errs)?;
+    match host.parse() {
+        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            errs.add(
+                join(at, "address.socket_address.address"),
+                format!("'{host}' is not an IP address"),
+            );
+            None
+        }
+    }
+}
