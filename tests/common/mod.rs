@@ -1,0 +1,429 @@
+//! Test harness: real upstream HTTP servers on loopback, the real `legate` binary, and a
+//! small HTTP/1.1 client that sends exactly what a test asks for.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// What an upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body: String,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// An upstream HTTP/1.1 server on 127.0.0.1 that answers `200 <name>` (or what the
+/// request's `x-test-status` / `x-test-delay-ms` headers ask for) and records requests.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let name_owned = name.to_string();
+        let seen2 = seen.clone();
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen2.clone();
+                let name = name_owned.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        let name = name.clone();
+                        async move { Ok::<_, Infallible>(answer(req, &name, &seen).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            name: name.to_string(),
+            addr,
+            seen,
+            _rt: rt,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .last()
+            .cloned()
+            .expect("upstream got no request")
+    }
+}
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    name: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in &parts.headers {
+        headers
+            .entry(k.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let record = Seen {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string()),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let delay = record
+        .header("x-test-delay-ms")
+        .and_then(|d| d.parse::<u64>().ok());
+    let status = record
+        .header("x-test-status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
+    seen.lock().unwrap().push(record);
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    hyper::Response::builder()
+        .status(status)
+        .header("x-upstream", name)
+        .header("server", "test-upstream")
+        .body(Full::new(Bytes::from(format!("{name}\n"))))
+        .unwrap()
+}
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn legate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_legate"))
+}
+
+/// A running `legate` process, killed when dropped.
+pub struct Legate {
+    pub child: Child,
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Legate {
+    /// Writes `yaml` to a file, starts `legate -c` on it and waits until `wait_port` accepts.
+    pub fn start(yaml: &str, wait_port: u16) -> Legate {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bootstrap.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(legate_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "2", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start legate");
+        let mut l = Legate {
+            child,
+            config,
+            _dir: dir,
+        };
+        l.wait_ready(wait_port);
+        l
+    }
+
+    fn wait_ready(&mut self, port: u16) {
+        wait_for_port(port, Some(&mut self.child));
+    }
+
+    pub fn rewrite_config(&self, yaml: &str) {
+        std::fs::write(&self.config, yaml).unwrap();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Legate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts on 127.0.0.1:`port` (panics after 20 s, or when the
+/// process exits first).
+pub fn wait_for_port(port: u16, mut child: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Some(c) = child.as_deref_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("process exited before listening on {port}: {status}");
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `secs` seconds.
+pub fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A response as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Which test upstream answered (its `x-upstream` header).
+    pub fn upstream(&self) -> Option<&str> {
+        self.header("x-upstream")
+    }
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`) and reads the whole response.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Response {
+    request_with_body(port, method, path, host, headers, "")
+}
+
+pub fn get(port: u16, path: &str, host: &str) -> Response {
+    request(port, "GET", path, host, &[])
+}
+
+pub fn request_with_body(
+    port: u16,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Response {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        raw.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(body);
+    send_raw(port, raw.as_bytes())
+}
+
+/// Sends raw bytes and parses the response (content-length, chunked, or read to close).
+pub fn send_raw(port: u16, raw: &[u8]) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> Response {
+    let text = String::from_utf8_lossy(buf);
+    let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+        panic!("no complete response: {text:?}");
+    };
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The HCM + router boilerplate around a route configuration, for test bootstraps.
+pub fn listener_yaml(name: &str, port: u16, route_config: &str, hcm_extra: &str) -> String {
+    let rc = indent(route_config, 12);
+    let extra = indent(hcm_extra, 10);
+    format!(
+        r#"
+  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+{extra}
+          route_config:
+{rc}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#
+    )
+}
+
+/// A STATIC cluster over the given upstream ports, with extra cluster fields.
+pub fn cluster_yaml(name: &str, ports: &[u16], extra: &str) -> String {
+    let mut eps = String::new();
+    for p in ports {
+        eps.push_str(&format!(
+            "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}\n"
+        ));
+    }
+    let extra = indent(extra, 4);
+    format!(
+        r#"
+  - name: {name}
+    connect_timeout: 1s
+{extra}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+{eps}"#
+    )
+}
+
+pub fn indent(s: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    s.lines()
+        .map(|l| {
+            if l.trim().is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn bootstrap(listeners: &[String], clusters: &[String]) -> String {
+    format!(
+        "static_resources:\n  listeners:{}\n  clusters:{}\n",
+        listeners.concat(),
+        if clusters.is_empty() {
+            " []".to_string()
+        } else {
+            clusters.concat()
+        }
+    )
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

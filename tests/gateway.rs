@@ -1,0 +1,474 @@
+//! End-to-end: the real `legate` binary in front of real upstream servers on loopback.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::*;
+
+const ROUTES: &str = r#"
+name: main
+request_headers_to_add:
+- header: {key: x-level, value: config}
+response_headers_to_add:
+- header: {key: x-resp-config, value: "1"}
+virtual_hosts:
+- name: api
+  domains: ["api.example.com", "*.api.example.com"]
+  request_headers_to_add:
+  - header: {key: x-level, value: vhost}
+  routes:
+  - match: {prefix: /v1/, headers: [{name: x-canary, string_match: {exact: "yes"}}]}
+    route: {cluster: b}
+  - match: {prefix: /v1/}
+    route: {cluster: a, prefix_rewrite: /internal/}
+    request_headers_to_add:
+    - header: {key: x-level, value: route}
+    - header: {key: x-client, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+    request_headers_to_remove: [x-secret]
+    response_headers_to_add:
+    - header: {key: x-resp-route, value: "1"}
+  - match: {path: /exact, query_parameters: [{name: q, string_match: {exact: "1"}}]}
+    route: {cluster: b, host_rewrite_literal: rewritten.example.com}
+  - match: {safe_regex: {regex: "/users/[0-9]+"}}
+    route: {cluster: a, regex_rewrite: {pattern: {regex: "^/users/([0-9]+)$"}, substitution: "/u?id=\\1"}}
+- name: web
+  domains: ["*"]
+  routes:
+  - match: {prefix: /old}
+    redirect: {prefix_rewrite: /new, response_code: FOUND}
+  - match: {prefix: /secure}
+    redirect: {https_redirect: true}
+  - match: {prefix: /hello}
+    direct_response: {status: 201, body: {inline_string: "hi there"}}
+  - match: {prefix: /missing-cluster}
+    route: {cluster: does-not-exist}
+  - match: {prefix: /empty}
+    route: {cluster: empty}
+  - match: {prefix: /dead}
+    route: {cluster: dead}
+  - match: {prefix: /slow}
+    route: {cluster: a, timeout: 0.3s}
+  - match: {prefix: /by-header}
+    route: {cluster_header: x-cluster}
+  - match: {prefix: /split}
+    route:
+      weighted_clusters:
+        clusters:
+        - {name: a, weight: 25}
+        - {name: b, weight: 75}
+  - match: {prefix: /sticky}
+    route:
+      cluster: ring
+      hash_policy: [{header: {header_name: x-user}}]
+  - match: {prefix: /}
+    route: {cluster: a}
+"#;
+
+struct Env {
+    a: Upstream,
+    b: Upstream,
+    r1: Upstream,
+    r2: Upstream,
+    r3: Upstream,
+    port: u16,
+    legate: Legate,
+}
+
+fn env() -> Env {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let r1 = Upstream::start("r1");
+    let r2 = Upstream::start("r2");
+    let r3 = Upstream::start("r3");
+    let port = free_port();
+    let dead = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, ROUTES, "")],
+        &[
+            cluster_yaml("a", &[a.port()], ""),
+            cluster_yaml("b", &[b.port()], ""),
+            cluster_yaml(
+                "ring",
+                &[r1.port(), r2.port(), r3.port()],
+                "lb_policy: RING_HASH",
+            ),
+            cluster_yaml("dead", &[dead], ""),
+            "\n  - name: empty\n    connect_timeout: 1s\n".to_string(),
+        ],
+    );
+    let legate = Legate::start(&yaml, port);
+    Env {
+        a,
+        b,
+        r1,
+        r2,
+        r3,
+        port,
+        legate,
+    }
+}
+
+#[test]
+fn routes_by_host_header_and_path() {
+    let e = env();
+    let r = request(
+        e.port,
+        "GET",
+        "/v1/items",
+        "api.example.com",
+        &[("x-canary", "yes")],
+    );
+    assert_eq!((r.status, r.upstream()), (200, Some("b")));
+    assert_eq!(e.b.last().path, "/v1/items");
+
+    let r = get(e.port, "/v1/items?x=1", "eu.api.example.com");
+    assert_eq!((r.status, r.upstream()), (200, Some("a")));
+    let seen = e.a.last();
+    assert_eq!(
+        seen.path, "/internal/items?x=1",
+        "prefix_rewrite keeps the query"
+    );
+    assert_eq!(seen.header("host"), Some("eu.api.example.com"));
+    assert_eq!(seen.header("x-envoy-original-path"), Some("/v1/items?x=1"));
+
+    // The catch-all virtual host does not see api routes.
+    let r = get(e.port, "/v1/items", "other.example.com");
+    assert_eq!(r.upstream(), Some("a"));
+    assert_eq!(e.a.last().path, "/v1/items");
+    let _ = &e.legate;
+}
+
+#[test]
+fn header_mutations_apply_at_every_level() {
+    let e = env();
+    let r = request(
+        e.port,
+        "GET",
+        "/v1/x",
+        "api.example.com",
+        &[("x-secret", "s")],
+    );
+    assert_eq!(r.status, 200);
+    let seen = e.a.last();
+    // Envoy applies route, then virtual host, then route config, appending each.
+    assert_eq!(seen.headers["x-level"], ["route", "vhost", "config"]);
+    assert_eq!(seen.header("x-client"), Some("127.0.0.1"));
+    assert!(seen.header("x-secret").is_none());
+    assert_eq!(r.header("x-resp-route"), Some("1"));
+    assert_eq!(r.header("x-resp-config"), Some("1"));
+    assert_eq!(
+        r.header("server"),
+        Some("legate"),
+        "server_name overwrites upstream's"
+    );
+    assert!(r.header("x-envoy-upstream-service-time").is_some());
+    // Router headers Envoy adds upstream.
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-envoy-expected-rq-timeout-ms"), Some("15000"));
+    let id = seen.header("x-request-id").expect("x-request-id generated");
+    assert_eq!(id.len(), 36);
+}
+
+#[test]
+fn exact_path_query_match_and_host_rewrite() {
+    let e = env();
+    let r = get(e.port, "/exact?q=1", "api.example.com");
+    assert_eq!(r.upstream(), Some("b"));
+    assert_eq!(e.b.last().header("host"), Some("rewritten.example.com"));
+    let r = get(e.port, "/exact?q=2", "api.example.com");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn regex_route_and_regex_rewrite() {
+    let e = env();
+    let r = get(e.port, "/users/42", "api.example.com");
+    assert_eq!(r.upstream(), Some("a"));
+    assert_eq!(e.a.last().path, "/u?id=42");
+    assert_eq!(get(e.port, "/users/abc", "api.example.com").status, 404);
+}
+
+#[test]
+fn redirects_and_direct_responses_are_local() {
+    let e = env();
+    let r = get(e.port, "/old/page?x=1", "www.example.com");
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location"),
+        Some("http://www.example.com/new/page?x=1")
+    );
+    let r = get(e.port, "/secure/a", "www.example.com:80");
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.header("location"),
+        Some("https://www.example.com/secure/a")
+    );
+    let r = get(e.port, "/hello", "www.example.com");
+    assert_eq!((r.status, r.body.as_str()), (201, "hi there"));
+    assert_eq!(
+        e.a.count() + e.b.count(),
+        0,
+        "no upstream saw a local reply"
+    );
+}
+
+#[test]
+fn errors_envoy_users_know() {
+    let e = env();
+    assert_eq!(get(e.port, "/x", "api.example.com").status, 404, "no route");
+    assert_eq!(get(e.port, "/missing-cluster", "w").status, 503);
+    let r = get(e.port, "/empty", "w");
+    assert_eq!((r.status, r.body.as_str()), (503, "no healthy upstream"));
+    let r = get(e.port, "/dead", "w");
+    assert_eq!(r.status, 503);
+    assert!(r.body.starts_with("upstream connect error"), "{}", r.body);
+    let r = request(e.port, "GET", "/slow", "w", &[("x-test-delay-ms", "2000")]);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    let r = request(e.port, "GET", "/by-header", "w", &[("x-cluster", "b")]);
+    assert_eq!(r.upstream(), Some("b"));
+    assert_eq!(
+        get(e.port, "/by-header", "w").status,
+        503,
+        "header missing: cluster not found"
+    );
+}
+
+#[test]
+fn malformed_requests_get_400_and_the_gateway_keeps_serving() {
+    let e = env();
+    let r = send_raw(e.port, b"GARBAGE\r\n\r\n");
+    assert_eq!(r.status, 400);
+    let r = send_raw(
+        e.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: zz\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let r = send_raw(e.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 400, "HTTP/1.1 without Host");
+    assert_eq!(get(e.port, "/", "w").status, 200);
+}
+
+#[test]
+fn weighted_clusters_split_by_weight() {
+    let e = env();
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..400 {
+        let r = get(e.port, "/split", "w");
+        *counts.entry(r.upstream().unwrap().to_string()).or_default() += 1;
+    }
+    let b = counts["b"];
+    // 75% ± a generous margin for 400 random draws.
+    assert!((250..=350).contains(&b), "{counts:?}");
+}
+
+#[test]
+fn ring_hash_keeps_a_user_on_one_host() {
+    let e = env();
+    let mut hosts_per_user: HashMap<String, String> = HashMap::new();
+    for round in 0..3 {
+        for u in 0..20 {
+            let user = format!("user-{u}");
+            let r = request(e.port, "GET", "/sticky", "w", &[("x-user", &user)]);
+            let up = r.upstream().unwrap().to_string();
+            if round == 0 {
+                hosts_per_user.insert(user, up);
+            } else {
+                assert_eq!(hosts_per_user[&user], up);
+            }
+        }
+    }
+    let used: std::collections::HashSet<_> = hosts_per_user.values().collect();
+    assert!(used.len() >= 2, "20 users should spread over several hosts");
+    assert!(e.r1.count() + e.r2.count() + e.r3.count() == 60);
+}
+
+#[test]
+fn keep_alive_connections_carry_many_requests() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let e = env();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", e.port)).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    for i in 0..5 {
+        write!(s, "GET /k{i} HTTP/1.1\r\nHost: w\r\n\r\n").unwrap();
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+    }
+    assert_eq!(e.a.count(), 5);
+}
+
+#[test]
+fn sighup_reloads_routes_and_rejects_a_bad_file() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let port = free_port();
+    let config = |cluster: &str| {
+        bootstrap(
+            &[listener_yaml(
+                "main",
+                port,
+                &format!("virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {{prefix: /}}\n    route: {{cluster: {cluster}}}\n"),
+                "",
+            )],
+            &[cluster_yaml("a", &[a.port()], ""), cluster_yaml("b", &[b.port()], "")],
+        )
+    };
+    let legate = Legate::start(&config("a"), port);
+    assert_eq!(get(port, "/", "w").upstream(), Some("a"));
+    legate.rewrite_config(&config("b"));
+    legate.signal("HUP");
+    eventually(10, "reload to route to b", || {
+        get(port, "/", "w").upstream() == Some("b")
+    });
+    legate.rewrite_config("static_resources: {clusters: [{name: x, lb_policy: NO_SUCH}]}");
+    legate.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        get(port, "/", "w").upstream(),
+        Some("b"),
+        "the last good config keeps serving"
+    );
+}
+
+#[test]
+fn strict_dns_cluster_resolves_localhost() {
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml(
+            "main",
+            port,
+            "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: dns, auto_host_rewrite: true}\n",
+            "",
+        )],
+        &[format!(
+            r#"
+  - name: dns
+    type: STRICT_DNS
+    dns_lookup_family: V4_ONLY
+    load_assignment:
+      cluster_name: dns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: localhost, port_value: {}}}}}}}
+"#,
+            a.port()
+        )],
+    );
+    let _l = Legate::start(&yaml, port);
+    let r = get(port, "/", "w");
+    assert_eq!(r.upstream(), Some("a"));
+    assert_eq!(
+        a.last().header("host"),
+        Some("localhost"),
+        "auto_host_rewrite uses the DNS name"
+    );
+}
+
+#[test]
+fn validate_prints_ok_or_every_error_with_its_path() {
+    for f in [
+        "conf/default.yaml",
+        "conf/front-door.yaml",
+        "conf/sidecar.yaml",
+    ] {
+        let out = Command::new(legate_bin())
+            .args(["--validate", "-c"])
+            .arg(repo_path(f))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        r#"
+static_resources:
+  clusters:
+  - name: c
+    outlier_detection: {consecutive_5xx: 3}
+  - name: c
+  listeners:
+  - address: {socket_address: {address: 127.0.0.1, port_value: 1}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: x
+          route_config: {virtual_hosts: [{name: v, domains: ["*"], routes: [{match: {prefix: /}, route: {cluster: c, hedge_policy: {}}}]}]}
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+"#,
+    )
+    .unwrap();
+    let out = Command::new(legate_bin())
+        .args(["--validate", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("static_resources.clusters[0].outlier_detection: not supported"),
+        "{text}"
+    );
+    assert!(
+        text.contains("static_resources.clusters[1].name: duplicate cluster name 'c'"),
+        "{text}"
+    );
+    assert!(
+        text.contains("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route.hedge_policy: not supported"),
+        "{text}"
+    );
+}
+
+#[test]
+fn default_config_answers_without_other_software() {
+    // The built-in config uses fixed ports 8080/8081; skip quietly only if they are taken
+    // by something else on this machine.
+    if std::net::TcpListener::bind("127.0.0.1:8080").is_err()
+        || std::net::TcpListener::bind("127.0.0.1:8081").is_err()
+    {
+        panic!("ports 8080/8081 are busy; the default-config test needs them");
+    }
+    let mut child = Command::new(legate_bin())
+        .args(["--concurrency", "1", "--log-level", "warn"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_port(8080, Some(&mut child));
+    let r = get(8080, "/", "localhost");
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("Welcome to legate"));
+    let r = get(8080, "/demo/anything", "localhost");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello from the demo upstream\n")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
