@@ -168,6 +168,14 @@ pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
                 );
                 continue;
             }
+            let rc_at = join(
+                &index(&join(&index(&join(&at, "filter_chains"), 0), "filters"), 0),
+                "typed_config.route_config",
+            );
+            listener
+                .hcm
+                .routes
+                .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
             listener_index.insert(listener.name.clone(), listeners.len());
             listeners.push(Arc::new(listener));
         }

@@ -9,6 +9,7 @@ use common::*;
 
 const ROUTES: &str = r#"
 name: main
+validate_clusters: false
 request_headers_to_add:
 - header: {key: x-level, value: config}
 response_headers_to_add:

@@ -22,10 +22,13 @@ pub struct HostSet {
     localities: Option<LocalityPicker>,
 }
 
+/// One locality's hosts and the balancer over them.
+type LocalityBalancer = (Vec<Arc<Host>>, Box<dyn LoadBalancer>);
+
 #[derive(Debug)]
 struct LocalityPicker {
     schedule: WeightedSchedule,
-    localities: Vec<(Vec<Arc<Host>>, Box<dyn LoadBalancer>)>,
+    localities: Vec<LocalityBalancer>,
 }
 
 impl HostSet {

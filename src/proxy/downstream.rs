@@ -44,10 +44,8 @@ pub fn effective_remote(
     req: &RequestHeader,
     peer: Option<IpAddr>,
 ) -> Option<IpAddr> {
-    if hcm.use_remote_address {
-        if hcm.xff_num_trusted_hops == 0 {
-            return peer;
-        }
+    if hcm.use_remote_address && hcm.xff_num_trusted_hops == 0 {
+        return peer;
     }
     let xff = req.headers.get("x-forwarded-for")?.to_str().ok()?;
     let parts: Vec<&str> = xff.split(',').map(str::trim).collect();

@@ -27,7 +27,10 @@ impl LocalReply {
     /// text/plain when there is a body).
     pub fn header(&self, server_name: &str, head_request: bool) -> pingora::Result<ResponseHeader> {
         let mut resp = ResponseHeader::build(self.status, Some(4))?;
-        resp.insert_header(http::header::CONTENT_LENGTH, self.body.len().to_string())?;
+        // No content-length on statuses that cannot have a body.
+        if !(self.status == 204 || self.status == 304 || self.status < 200) {
+            resp.insert_header(http::header::CONTENT_LENGTH, self.body.len().to_string())?;
+        }
         if !self.body.is_empty() {
             resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
         }

@@ -57,6 +57,7 @@ pub fn finalize_request(
     for h in HOP_BY_HOP {
         req.remove_header(*h);
     }
+    add_zero_content_length(req);
     for level in levels(m, weighted, &hcm.routes, true) {
         level.apply(req as &mut dyn HeaderTarget, fmt);
     }
@@ -104,6 +105,21 @@ pub fn finalize_request(
         if let Some(t) = action.timeout {
             let _ = req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string());
         }
+    }
+}
+
+/// Envoy's HTTP/1 codec sends `content-length: 0` for a bodiless request whose method
+/// normally carries a body (POST, PUT, ...), so upstreams never wait for one.
+fn add_zero_content_length(req: &mut RequestHeader) {
+    use http::Method;
+    let has_framing = req.headers.contains_key(http::header::CONTENT_LENGTH)
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let no_body_method = matches!(
+        req.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::TRACE | Method::CONNECT
+    );
+    if !has_framing && !no_body_method {
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, "0");
     }
 }
 

@@ -91,7 +91,7 @@ impl RouteMatch {
             dynamic_metadata,
             filter_state
         );
-        let case_sensitive = case_sensitive.map_or(true, |b| b.value);
+        let case_sensitive = case_sensitive.is_none_or(|b| b.value);
         let path = match path_specifier {
             Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
             Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),

@@ -39,6 +39,9 @@ pub struct RouteTable {
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
     pub most_specific_header_mutations_wins: bool,
+    /// Whether every cluster a route names must exist when the table is loaded (Envoy's
+    /// default for inline route configurations).
+    pub validate_clusters: bool,
 }
 
 /// The route a request matched, with the virtual host it belongs to.
@@ -142,7 +145,7 @@ impl RouteTable {
             request_headers_to_add,
             request_headers_to_remove,
             most_specific_header_mutations_wins,
-            validate_clusters: _,
+            validate_clusters,
             max_direct_response_body_size_bytes,
             cluster_specifier_plugins,
             request_mirror_policies,
@@ -153,8 +156,6 @@ impl RouteTable {
             metadata: _,
             route_specifiers,
         } = rc;
-        // validate_clusters: unknown clusters are always allowed and answer 503 at request
-        // time, which is Envoy's behaviour for RDS-delivered tables.
         reject_set!(
             errs,
             at,
@@ -194,6 +195,7 @@ impl RouteTable {
                 errs,
             ),
             most_specific_header_mutations_wins: *most_specific_header_mutations_wins,
+            validate_clusters: validate_clusters.is_none_or(|b| b.value),
         };
         let mut seen: HashMap<String, String> = HashMap::new();
         for (i, vp) in virtual_hosts.iter().enumerate() {
@@ -229,8 +231,8 @@ impl RouteTable {
             table.virtual_hosts.push(vh);
         }
         // Longest wildcard first; stable, so equal lengths keep config order.
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Some(table)
     }
 
@@ -292,6 +294,49 @@ impl RouteTable {
             virtual_host,
             route: virtual_host.routes.get(r)?,
         })
+    }
+}
+
+impl RouteTable {
+    /// Reports each route whose named cluster is not in `known`, as Envoy does for
+    /// `validate_clusters`.
+    pub fn check_clusters(&self, at: &str, known: &dyn Fn(&str) -> bool, errs: &mut Errors) {
+        if !self.validate_clusters {
+            return;
+        }
+        for (v, vh) in self.virtual_hosts.iter().enumerate() {
+            for (r, route) in vh.routes.iter().enumerate() {
+                let crate::route::Action::Forward(a) = &route.action else {
+                    continue;
+                };
+                let rat = join(
+                    &index(&join(&index(&join(at, "virtual_hosts"), v), "routes"), r),
+                    "route",
+                );
+                let names: Vec<(String, &str)> = match &a.cluster {
+                    crate::route::ClusterChoice::Named(n) => {
+                        vec![(join(&rat, "cluster"), n.as_str())]
+                    }
+                    crate::route::ClusterChoice::Weighted(w) => w
+                        .clusters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            (
+                                join(&index(&join(&rat, "weighted_clusters.clusters"), i), "name"),
+                                c.name.as_str(),
+                            )
+                        })
+                        .collect(),
+                    crate::route::ClusterChoice::FromHeader(_) => vec![],
+                };
+                for (path, name) in names {
+                    if !known(name) {
+                        errs.add(path, format!("unknown cluster '{name}' (set validate_clusters: false to allow it)"));
+                    }
+                }
+            }
+        }
     }
 }
 
