@@ -498,8 +498,19 @@ fn legate_routes_like_envoy() {
     assert!(cases.len() >= 40);
     let mut mismatches = Vec::new();
     for c in &cases {
+        let t0 = std::time::Instant::now();
         let e = run_case(envoy_port, c, &refs);
+        let t1 = std::time::Instant::now();
         let l = run_case(legate_port, c, &refs);
+        if std::env::var("LEGATE_DIFF_TIMING").is_ok() {
+            eprintln!(
+                "{} {}: envoy {:?} legate {:?}",
+                c.method,
+                c.path,
+                t1 - t0,
+                t1.elapsed()
+            );
+        }
         if e != l {
             mismatches.push(format!(
                 "{} {} (host {}, {:?}):\n{}",

@@ -255,6 +255,78 @@ fn malformed_requests_get_400_and_the_gateway_keeps_serving() {
 }
 
 #[test]
+fn edge_mode_appends_x_forwarded_for_and_keeps_internal_request_ids() {
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml(
+            "main",
+            port,
+            "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: a}\n",
+            "use_remote_address: true\nalways_set_request_id_in_response: true\nvia: legate-test",
+        )],
+        &[cluster_yaml("a", &[a.port()], "")],
+    );
+    let _l = Legate::start(&yaml, port);
+    let r = request(
+        port,
+        "GET",
+        "/",
+        "w",
+        &[("x-forwarded-for", "10.1.2.3"), ("x-request-id", "abc")],
+    );
+    assert_eq!(r.status, 200);
+    let seen = a.last();
+    assert_eq!(seen.header("x-forwarded-for"), Some("10.1.2.3,127.0.0.1"));
+    // A loopback client is internal: marked so, and its request id is kept.
+    assert_eq!(seen.header("x-envoy-internal"), Some("true"));
+    assert_eq!(seen.header("x-request-id"), Some("abc"));
+    assert_eq!(seen.header("via"), Some("legate-test"));
+    assert_eq!(r.header("x-request-id"), Some("abc"));
+}
+
+#[test]
+fn upstream_connections_are_reused() {
+    let e = env();
+    for _ in 0..10 {
+        assert_eq!(get(e.port, "/reuse", "w").status, 200);
+    }
+    let ports: std::collections::HashSet<u16> = e.a.seen().iter().map(|s| s.peer_port).collect();
+    assert_eq!(e.a.count(), 10);
+    // Sequential requests share pooled connections (one per worker thread at most).
+    assert!(
+        ports.len() <= 2,
+        "{} upstream connections for 10 requests",
+        ports.len()
+    );
+}
+
+#[test]
+fn request_timeout_answers_408_to_a_stalled_body() {
+    use std::io::{Read, Write};
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml(
+            "main",
+            port,
+            "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: a}\n",
+            "request_timeout: 0.3s",
+        )],
+        &[cluster_yaml("a", &[a.port()], "")],
+    );
+    let _l = Legate::start(&yaml, port);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 10\r\n\r\nabc")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert_eq!(parse_response(&buf).status, 408);
+}
+
+#[test]
 fn weighted_clusters_split_by_weight() {
     let e = env();
     let mut counts: HashMap<String, u32> = HashMap::new();

@@ -919,6 +919,36 @@ load_assignment:
     }
 
     #[test]
+    fn logical_dns_takes_one_address_and_needs_one_endpoint() {
+        let c = cluster(
+            r#"
+name: dns
+type: LOGICAL_DNS
+dns_lookup_family: V4_ONLY
+load_assignment:
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {address: {socket_address: {address: localhost, port_value: 1001}}}
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.host_count(), 1);
+        let e = cluster(
+            r#"
+name: dns
+type: LOGICAL_DNS
+load_assignment:
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {address: {socket_address: {address: localhost, port_value: 1001}}}
+    - endpoint: {address: {socket_address: {address: localhost, port_value: 1002}}}
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "clusters[0].load_assignment");
+    }
+
+    #[test]
     fn static_cluster_needs_ip_addresses() {
         let e = cluster(
             r#"

@@ -110,6 +110,10 @@ impl ProxyHttp for LegateProxy {
         let hcm = &listener.hcm;
         // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
         session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
+        if let Some(t) = hcm.request_timeout {
+            // Bounds each wait for more of the request body (Envoy bounds the whole request).
+            session.as_downstream_mut().set_read_timeout(Some(t));
+        }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx.local = local;
         let listener_port = listener.address.port();

@@ -23,6 +23,8 @@ pub struct Seen {
     pub path: String,
     pub headers: BTreeMap<String, Vec<String>>,
     pub body: String,
+    /// The client port of the connection the request came on (tells connection reuse).
+    pub peer_port: u16,
 }
 
 impl Seen {
@@ -59,7 +61,7 @@ impl Upstream {
         let seen2 = seen.clone();
         rt.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let seen = seen2.clone();
@@ -68,7 +70,7 @@ impl Upstream {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let seen = seen.clone();
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &name, &seen).await) }
+                        async move { Ok::<_, Infallible>(answer(req, &name, &seen, peer.port()).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -108,6 +110,7 @@ async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     name: &str,
     seen: &Mutex<Vec<Seen>>,
+    peer_port: u16,
 ) -> hyper::Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = body
@@ -130,6 +133,7 @@ async fn answer(
             .map_or("/".into(), |p| p.to_string()),
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+        peer_port,
     };
     let delay = record
         .header("x-test-delay-ms")
