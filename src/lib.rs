@@ -9,6 +9,7 @@ pub mod config;
 pub mod filter;
 pub mod listener;
 pub mod proxy;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -1,6 +1,7 @@
 //! The request path: Pingora's `ProxyHttp` hooks, in the order a request meets them. Each
-//! hook is short; decisions live in `route`, `cluster` and the helpers of this module.
+//! hook is short; decisions live in `route`, `cluster`, `retry` and this module's helpers.
 
+mod attempt;
 mod downstream;
 mod local_reply;
 mod upstream;
@@ -16,19 +17,27 @@ use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
 use crate::cluster::host::{ActiveRequest, Host};
 use crate::cluster::Cluster;
 use crate::filter::FilterDecision;
 use crate::listener::{HttpConnectionManager, Listener};
+use crate::retry::{effective_policy, Failure};
 use crate::route::headers::FormatContext;
 use crate::route::{Action, ClusterChoice, Matched, RequestView};
 use crate::server::ListenerMap;
 use crate::snapshot::Snapshot;
+use attempt::Attempts;
 pub use downstream::is_internal;
 pub use local_reply::LocalReply;
 use local_reply::{NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
+
+/// The error `upstream_response_filter` returns to make Pingora try again after a response
+/// the retry policy covers; that response never reaches the client.
+const RETRY_ON_RESPONSE: ErrorType = ErrorType::Custom("retry on upstream response");
+/// No endpoint left to try.
+const NO_HOST: ErrorType = ErrorType::Custom("no healthy upstream");
 
 /// The proxy behind every listener; a connection's local address tells which listener's
 /// HCM applies.
@@ -60,7 +69,8 @@ pub struct RequestCtx {
     request_id: Option<HeaderValue>,
     remote: Option<SocketAddr>,
     local: Option<SocketAddr>,
-    deadline: Option<Instant>,
+    hash: Option<u64>,
+    attempts: Attempts,
     upstream_started: Option<Instant>,
 }
 
@@ -84,6 +94,7 @@ enum Decision {
         host: Arc<Host>,
         weighted: Option<usize>,
         timeout: Option<Duration>,
+        hash: Option<u64>,
     },
 }
 
@@ -116,12 +127,11 @@ impl ProxyHttp for LegateProxy {
         }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx.local = local;
-        let listener_port = listener.address.port();
         ctx.request_id = downstream::mutate_request_headers(
             hcm,
             session.req_header_mut(),
             ctx.remote.map(|a| a.ip()),
-            listener_port,
+            listener.address.port(),
         );
         for f in &hcm.filters.filters {
             if let FilterDecision::Respond { status, body } =
@@ -141,44 +151,85 @@ impl ProxyHttp for LegateProxy {
                 host,
                 weighted,
                 timeout,
+                hash,
             } => {
                 ctx.active = Some(host.start_request());
                 ctx.host = Some(host);
                 ctx.cluster = Some(cluster);
                 ctx.weighted = weighted;
-                ctx.deadline = timeout.map(|t| Instant::now() + t);
+                ctx.hash = hash;
+                start_attempts(session, ctx, timeout);
                 Ok(false)
             }
         }
     }
 
-    /// The chosen endpoint, with the cluster's connect timeout and the route's timeout.
+    /// The endpoint for this try: the one routing chose, or after a failure another one,
+    /// after the retry back-off. Connect timeout from the cluster; read timeout from the
+    /// route and the retry policy.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let (Some(host), Some(cluster)) = (&ctx.host, &ctx.cluster) else {
+        let Some(cluster) = ctx.cluster.clone() else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no upstream chosen",
             ));
         };
-        let mut peer = HttpPeer::new(host.address, false, String::new());
-        peer.options.connection_timeout = Some(cluster.connect_timeout);
-        peer.options.idle_timeout = Some(cluster.idle_timeout);
+        // A transparent retry repeats the same host on a fresh connection.
+        if !std::mem::take(&mut ctx.attempts.transparent) {
+            ctx.attempts.count += 1;
+            if ctx.attempts.count > 1 {
+                tokio::time::sleep(ctx.attempts.backoff(Instant::now())).await;
+                let Some(host) = ctx.attempts.pick_for_retry(&cluster, ctx.hash) else {
+                    return Err(Error::explain(NO_HOST, "no host for the retry"));
+                };
+                ctx.active = Some(host.start_request());
+                ctx.host = Some(host);
+            }
+        }
+        let Some(host) = ctx.host.clone() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream chosen",
+            ));
+        };
+        let now = Instant::now();
+        ctx.attempts.tried.push(host.address);
+        ctx.attempts.try_deadline = ctx.attempts.per_try_timeout().map(|t| now + t);
         let route_idle = ctx.matched().and_then(|m| match &m.route.action {
             Action::Forward(a) => a.idle_timeout,
             _ => None,
         });
-        let remaining = ctx
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        peer.options.read_timeout = match (remaining, route_idle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let mut peer = HttpPeer::new(host.address, false, String::new());
+        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        peer.options.idle_timeout = Some(cluster.idle_timeout);
+        peer.options.read_timeout = ctx.attempts.read_timeout(now, route_idle);
         Ok(Box::new(peer))
+    }
+
+    /// A failed connect is retried when the retry policy covers it, and never otherwise,
+    /// as in Envoy.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.attempts.last_failure = Some(match e.etype() {
+            ErrorType::ConnectTimedout => "connection timeout",
+            ErrorType::ConnectRefused => "remote connection failure, transport failure reason: delayed connect error: Connection refused",
+            _ => "remote connection failure",
+        });
+        let replayable = !session.as_ref().retry_buffer_truncated();
+        let retry = ctx
+            .attempts
+            .take_retry(Failure::ConnectFailure, replayable, Instant::now());
+        e.set_retry(retry);
+        e
     }
 
     /// Rewrites and header edits the route asks for, and Envoy's router headers.
@@ -197,6 +248,10 @@ impl ProxyHttp for LegateProxy {
             protocol: "HTTP/1.1",
             request_headers: Some(&session.req_header().headers),
         };
+        let now = Instant::now();
+        // Envoy tells the upstream the time it has: the per-try timeout, else what is left
+        // of the route timeout.
+        let expected = ctx.attempts.expected_timeout(now);
         upstream::finalize_request(
             upstream_request,
             m,
@@ -205,17 +260,50 @@ impl ProxyHttp for LegateProxy {
             ctx.host.as_deref(),
             &fmt,
         );
-        ctx.upstream_started = Some(Instant::now());
+        upstream::set_router_headers(upstream_request, m, hcm, ctx.attempts.count, expected);
+        ctx.upstream_started = Some(now);
         Ok(())
     }
 
-    /// Response header edits, `server`, and `x-envoy-upstream-service-time`.
+    /// A response the retry policy covers is held back: the error makes Pingora try again
+    /// (through `error_while_proxy` and `upstream_peer`), so the client sees only the
+    /// final attempt.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if status >= 200 {
+            let replayable = !session.as_ref().retry_buffer_truncated();
+            let failure = Failure::Response(status, &upstream_response.headers);
+            if ctx.attempts.take_retry(failure, replayable, Instant::now()) {
+                let mut e =
+                    Error::explain(RETRY_ON_RESPONSE, format!("upstream answered {status}"));
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        if ctx
+            .matched()
+            .is_some_and(|m| m.virtual_host.include_attempt_count_in_response)
+        {
+            upstream_response
+                .insert_header("x-envoy-attempt-count", ctx.attempts.count.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Response header edits, `server`, and `x-envoy-upstream-service-time`. From here on
+    /// the response belongs to the client and nothing is retried.
     async fn response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        ctx.attempts.response_started = true;
         let Some(hcm) = ctx.hcm() else { return Ok(()) };
         upstream::strip_hop_by_hop_response(upstream_response);
         if !hcm.filters.router.suppress_envoy_headers {
@@ -228,15 +316,55 @@ impl ProxyHttp for LegateProxy {
         Ok(())
     }
 
+    /// A failure after connecting: retried when the policy covers it and nothing has gone
+    /// downstream; a pooled connection found closed is retried transparently.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if e.etype() == &RETRY_ON_RESPONSE {
+            return e;
+        }
+        let now = Instant::now();
+        let replayable = !session.as_ref().retry_buffer_truncated();
+        let failure = if e.etype() == &ErrorType::ReadTimedout {
+            if ctx.attempts.global_expired(now) || !ctx.attempts.try_expired(now) {
+                e.set_retry(false);
+                return e;
+            }
+            ctx.attempts.last_failure = Some("per-try timeout");
+            Failure::PerTryTimeout
+        } else {
+            ctx.attempts.last_failure = Some("connection termination");
+            Failure::Reset
+        };
+        let stale_pooled = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
+        let retry = if ctx.attempts.take_retry(failure, replayable, now) {
+            true
+        } else if stale_pooled && replayable && !ctx.attempts.response_started {
+            ctx.attempts.transparent = true;
+            true
+        } else {
+            false
+        };
+        e.set_retry(retry);
+        e
+    }
+
     /// Upstream failures as Envoy reports them: 503 on connect failure or reset, 504 on
-    /// the route timeout.
+    /// the route (or last per-try) timeout.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let reply = error_reply(e);
+        let reply = error_reply(e, &ctx.attempts);
         let code = reply.as_ref().map_or(0, |r| r.status);
         if let Some(reply) = reply {
             if session.response_written().is_none() {
@@ -255,6 +383,47 @@ impl ProxyHttp for LegateProxy {
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.active = None;
     }
+}
+
+/// Sets up retries and deadlines: the route's (or virtual host's) retry policy with the
+/// `x-envoy-*` request headers applied, and body buffering so a retry can replay it.
+fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<Duration>) {
+    let headers = &session.req_header().headers;
+    let configured = ctx.matched().and_then(|m| match &m.route.action {
+        Action::Forward(a) => a
+            .retry_policy
+            .as_ref()
+            .or(m.virtual_host.retry_policy.as_ref()),
+        _ => None,
+    });
+    let mut policy = effective_policy(configured, headers);
+    let timeout = header_ms(headers, "x-envoy-upstream-rq-timeout-ms").unwrap_or(timeout);
+    if let (Some(p), Some(per_try)) = (
+        policy.as_mut(),
+        header_ms(headers, "x-envoy-upstream-rq-per-try-timeout-ms"),
+    ) {
+        p.per_try_timeout = per_try;
+    }
+    if let Some(p) = &policy {
+        let req = session.req_header();
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let view = RequestView::new(req.method.as_str(), path, "", "http", &req.headers);
+        if !p.request_is_retriable(&view) {
+            policy = None;
+        }
+    }
+    if policy.is_some() {
+        // Keep the body (up to Pingora's 64 KiB retry buffer) so a retry can replay it.
+        session.as_downstream_mut().enable_retry_buffering();
+    }
+    ctx.attempts = Attempts::new(policy, timeout, Instant::now());
+}
+
+/// A millisecond count from a request header such as `x-envoy-upstream-rq-timeout-ms`;
+/// 0 means no timeout, as in Envoy.
+fn header_ms(headers: &http::HeaderMap, name: &str) -> Option<Option<Duration>> {
+    let ms: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+    Some((ms > 0).then(|| Duration::from_millis(ms)))
 }
 
 /// Routes the request and picks the cluster and host, or says what to answer instead.
@@ -326,6 +495,7 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         host,
         weighted,
         timeout: action.timeout,
+        hash,
     }
 }
 
@@ -373,31 +543,44 @@ async fn send_local_reply(
 }
 
 /// The local reply Envoy sends for an upstream failure; None when nothing can be sent.
-fn error_reply(e: &Error) -> Option<LocalReply> {
+fn error_reply(e: &Error, attempts: &Attempts) -> Option<LocalReply> {
+    let retried = if attempts.count > 1 {
+        "retried and the latest "
+    } else {
+        ""
+    };
     let reset = |reason: &str| {
         LocalReply::new(
             503,
             format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                "upstream connect error or disconnect/reset before headers. {retried}reset reason: {reason}"
             ),
         )
     };
+    if e.etype() == &NO_HOST {
+        return Some(LocalReply::new(503, NO_HEALTHY_UPSTREAM));
+    }
     Some(match e.etype() {
         ErrorType::HTTPStatus(code) => LocalReply::new(*code, ""),
-        ErrorType::ConnectTimedout => reset("connection timeout"),
-        ErrorType::ConnectRefused => {
-            reset("remote connection failure, transport failure reason: delayed connect error: Connection refused")
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::SocketError
+        | ErrorType::BindError => {
+            reset(attempts.last_failure.unwrap_or("remote connection failure"))
         }
-        ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::SocketError | ErrorType::BindError => {
-            reset("remote connection failure")
-        }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
             LocalReply::new(504, UPSTREAM_TIMEOUT)
         }
         _ => match e.esource() {
             ErrorSource::Upstream => reset("connection termination"),
             ErrorSource::Downstream => match e.etype() {
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => return None,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                    return None
+                }
                 ErrorType::ReadTimedout => LocalReply::new(408, "request timeout"),
                 _ => LocalReply::new(400, "Bad Request"),
             },

@@ -101,10 +101,27 @@ pub fn finalize_request(
             }
         }
     }
-    if !suppress {
-        if let Some(t) = action.timeout {
+}
+
+/// Router headers: the time the upstream has, the attempt count, and removal of the
+/// `x-envoy-*` control headers the router consumed.
+pub fn set_router_headers(
+    req: &mut RequestHeader,
+    m: Matched<'_>,
+    hcm: &HttpConnectionManager,
+    attempt: u32,
+    expected_timeout: Option<std::time::Duration>,
+) {
+    for h in super::attempt::CONSUMED_HEADERS {
+        req.remove_header(*h);
+    }
+    if !hcm.filters.router.suppress_envoy_headers {
+        if let Some(t) = expected_timeout {
             let _ = req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string());
         }
+    }
+    if m.virtual_host.include_request_attempt_count {
+        let _ = req.insert_header("x-envoy-attempt-count", attempt.max(1).to_string());
     }
 }
 

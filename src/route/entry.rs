@@ -18,6 +18,7 @@ use regex::Regex;
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
 use crate::reject_set;
+use crate::retry::RetryPolicy;
 use crate::route::hash::HashPolicy;
 use crate::route::headers::HeaderMutations;
 use crate::route::matcher::{full_match_regex, HeaderMatcher, QueryParameterMatcher, RegexRewrite};
@@ -339,6 +340,7 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub hash_policy: HashPolicy,
+    pub retry_policy: Option<RetryPolicy>,
 }
 
 impl RouteAction {
@@ -382,7 +384,6 @@ impl RouteAction {
             path_rewrite,
             flush_timeout,
             early_data_policy,
-            retry_policy,
             retry_policy_typed_config,
             request_mirror_policies,
             priority,
@@ -494,6 +495,9 @@ impl RouteAction {
             timeout: duration::optional_timeout(timeout, Some(DEFAULT_ROUTE_TIMEOUT)),
             idle_timeout: duration::optional_timeout(idle_timeout, None),
             hash_policy: HashPolicy::convert(hash_policy, &join(at, "hash_policy"), errs),
+            retry_policy: retry_policy
+                .as_ref()
+                .map(|r| RetryPolicy::convert(r, &join(at, "retry_policy"), errs)),
         })
     }
 }

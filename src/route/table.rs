@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 
 use crate::config::error::{index, join, Errors};
 use crate::reject_set;
+use crate::retry::RetryPolicy;
 use crate::route::entry::Route;
 use crate::route::headers::HeaderMutations;
 use crate::route::request::RequestView;
@@ -23,6 +24,9 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    pub retry_policy: Option<RetryPolicy>,
+    pub include_request_attempt_count: bool,
+    pub include_attempt_count_in_response: bool,
 }
 
 #[derive(Debug)]
@@ -88,9 +92,6 @@ impl VirtualHost {
             rate_limits,
             cors,
             typed_per_filter_config,
-            include_request_attempt_count,
-            include_attempt_count_in_response,
-            retry_policy,
             retry_policy_typed_config,
             hedge_policy,
             include_is_timeout_retry_header,
@@ -113,6 +114,11 @@ impl VirtualHost {
         Some(VirtualHost {
             name: name.clone(),
             routes,
+            retry_policy: retry_policy
+                .as_ref()
+                .map(|r| RetryPolicy::convert(r, &join(at, "retry_policy"), errs)),
+            include_request_attempt_count: *include_request_attempt_count,
+            include_attempt_count_in_response: *include_attempt_count_in_response,
             request_headers: HeaderMutations::convert(
                 request_headers_to_add,
                 request_headers_to_remove,
