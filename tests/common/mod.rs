@@ -431,3 +431,194 @@ pub fn bootstrap(listeners: &[String], clusters: &[String]) -> String {
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// How a scripted upstream treats one request.
+#[derive(Debug, Clone, Copy)]
+pub enum Behavior {
+    /// Answer with this status and body `<name>`.
+    Status(u16),
+    /// Read the request, then close the connection without answering.
+    Close,
+    /// Send the header and part of the body, then close.
+    PartialBody,
+    /// Wait, then answer 200.
+    Sleep(u64),
+}
+
+/// A raw HTTP/1.1 upstream whose behaviour per request is scripted by the request's index
+/// (0, 1, 2, ...): for failure tests (resets, partial bodies, slowness, 5xx).
+pub struct ScriptedUpstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<Mutex<Vec<(Instant, Seen)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ScriptedUpstream {
+    pub fn start(name: &str, script: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits: Arc<Mutex<Vec<(Instant, Seen)>>> = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let script = Arc::new(script);
+        let (hits2, stop2, name2) = (hits.clone(), stop.clone(), name.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let (hits, script, name) = (hits2.clone(), script.clone(), name2.clone());
+                std::thread::spawn(move || serve_scripted(stream, &name, &hits, &*script));
+            }
+        });
+        ScriptedUpstream {
+            name: name.to_string(),
+            addr,
+            hits,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn count(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+
+    pub fn times(&self) -> Vec<Instant> {
+        self.hits.lock().unwrap().iter().map(|h| h.0).collect()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.hits
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.1.clone())
+            .collect()
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve_scripted(
+    mut stream: TcpStream,
+    name: &str,
+    hits: &Mutex<Vec<(Instant, Seen)>>,
+    script: &(dyn Fn(usize) -> Behavior + Send + Sync),
+) {
+    let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        let Some(seen) = read_request(&mut stream, peer_port) else {
+            return;
+        };
+        let index = {
+            let mut h = hits.lock().unwrap();
+            h.push((Instant::now(), seen));
+            h.len() - 1
+        };
+        let body = format!("{name}\n");
+        match script(index) {
+            Behavior::Status(code) => {
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-length: {}\r\nx-upstream: {name}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Behavior::Sleep(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-upstream: {name}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Behavior::Close => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Behavior::PartialBody => {
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: 100\r\nx-upstream: {name}\r\n\r\npartial"
+                );
+                let _ = stream.write_all(resp.as_bytes());
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one request (headers and a content-length body) from a raw stream.
+fn read_request(stream: &mut TcpStream, peer_port: u16) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let path = first.next()?.to_string();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            headers
+                .entry(k.trim().to_ascii_lowercase())
+                .or_default()
+                .push(v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.first())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).ok()?;
+    Some(Seen {
+        method,
+        path,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        peer_port,
+    })
+}
+
+/// A single-route bootstrap: every request goes to cluster `c` (the given ports) with the
+/// given route-action YAML (flow style, e.g. `retry_policy: {retry_on: 5xx}`), and extra
+/// cluster fields.
+pub fn one_route_bootstrap(
+    port: u16,
+    route_extra: &str,
+    ports: &[u16],
+    cluster_extra: &str,
+) -> String {
+    let route = format!(
+        "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {{prefix: /}}\n    route: {{cluster: c{}{}}}\n",
+        if route_extra.is_empty() { "" } else { ", " },
+        route_extra
+    );
+    bootstrap(
+        &[listener_yaml("main", port, &route, "")],
+        &[cluster_yaml("c", ports, cluster_extra)],
+    )
+}
