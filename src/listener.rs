@@ -63,6 +63,53 @@ pub struct HttpConnectionManager {
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub strip_port: StripPort,
+    /// `internal_address_config.cidr_ranges`; empty means no address is internal
+    /// (Envoy's default since 1.33).
+    pub internal_addresses: InternalAddresses,
+}
+
+/// Addresses whose requests count as internal (trusted with `x-envoy-*` headers).
+#[derive(Debug, Default)]
+pub struct InternalAddresses(Vec<ipnet::IpNet>);
+
+impl InternalAddresses {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn convert_internal_addresses(
+    c: &Option<envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::InternalAddressConfig>,
+    at: &str,
+    errs: &mut Errors,
+) -> InternalAddresses {
+    let Some(c) = c else {
+        return InternalAddresses::default();
+    };
+    let envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::InternalAddressConfig {
+        unix_sockets,
+        cidr_ranges,
+    } = c;
+    let at = join(at, "internal_address_config");
+    reject_set!(errs, &at, unix_sockets);
+    let mut nets = Vec::new();
+    for (i, r) in cidr_ranges.iter().enumerate() {
+        let rat = index(&join(&at, "cidr_ranges"), i);
+        let prefix_len = r.prefix_len.map_or(0, |p| p.value);
+        match r
+            .address_prefix
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .and_then(|ip| ipnet::IpNet::new(ip, prefix_len.min(255) as u8).ok())
+        {
+            Some(n) => nets.push(n.trunc()),
+            None => errs.add(
+                rat,
+                format!("invalid CIDR {}/{prefix_len}", r.address_prefix),
+            ),
+        }
+    }
+    InternalAddresses(nets)
 }
 
 #[derive(Debug)]
@@ -338,7 +385,6 @@ fn convert_hcm(
         access_log_options,
         original_ip_detection_extensions,
         early_header_mutation_extensions,
-        internal_address_config,
         forward_client_cert_details,
         set_current_client_cert_details,
         forward_client_cert_matcher,
@@ -441,6 +487,7 @@ fn convert_hcm(
         idle_timeout,
         request_timeout: duration::optional_timeout(request_timeout, None),
         strip_port,
+        internal_addresses: convert_internal_addresses(internal_address_config, at, errs),
     })
 }
 

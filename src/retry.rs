@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3::{
-    retry_policy::{RetryBackOff, RetryHostPredicate},
+    retry_policy::{retry_host_predicate, RetryBackOff, RetryHostPredicate},
     RetryPolicy as RetryPolicyProto,
 };
 
@@ -15,7 +15,8 @@ use crate::reject_set;
 use crate::route::matcher::HeaderMatcher;
 use crate::route::request::RequestView;
 
-const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
+const PREVIOUS_HOSTS_TYPE: &str =
+    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
 
 /// The `retry_on` conditions, as bits.
@@ -159,16 +160,26 @@ impl RetryPolicy {
         );
         let mut previous_hosts = false;
         for (i, pred) in retry_host_predicate.iter().enumerate() {
-            let RetryHostPredicate {
-                name,
-                config_type: _,
-            } = pred;
-            if name == PREVIOUS_HOSTS {
+            let RetryHostPredicate { name, config_type } = pred;
+            let pat = index(&join(at, "retry_host_predicate"), i);
+            // Envoy finds the extension by the type of its typed_config, not by its name.
+            let type_name = match config_type {
+                Some(retry_host_predicate::ConfigType::TypedConfig(a)) => {
+                    a.type_url.rsplit('/').next().unwrap_or_default()
+                }
+                None => "",
+            };
+            if type_name == PREVIOUS_HOSTS_TYPE {
                 previous_hosts = true;
+            } else if type_name.is_empty() {
+                errs.add(
+                    join(&pat, "typed_config"),
+                    format!("required for {name} (type.googleapis.com/{PREVIOUS_HOSTS_TYPE})"),
+                );
             } else {
                 errs.add(
-                    join(&index(&join(at, "retry_host_predicate"), i), "name"),
-                    format!("'{name}' is not supported (only {PREVIOUS_HOSTS})"),
+                    join(&pat, "typed_config"),
+                    format!("{type_name} is not supported (only {PREVIOUS_HOSTS_TYPE})"),
                 );
             }
         }

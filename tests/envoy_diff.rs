@@ -175,6 +175,10 @@ const UPSTREAM_HEADERS: &[&str] = &[
     "x-envoy-expected-rq-timeout-ms",
     "x-envoy-original-path",
     "x-envoy-internal",
+    "x-envoy-external-address",
+    "via",
+    "x-envoy-max-retries",
+    "x-envoy-force-trace",
     "x-cfg",
     "x-vh",
     "x-add",
@@ -199,6 +203,7 @@ const RESPONSE_HEADERS: &[&str] = &[
     "x-direct",
     "x-upstream",
     "x-test-remove-me",
+    "via",
 ];
 
 struct Case {
@@ -298,6 +303,17 @@ fn cases() -> Vec<Case> {
         with(case("/clusterhdr", "any"), "x-cluster", "b"),
         case("/clusterhdr", "any"),
         case("/ip", "any"),
+        with(
+            with(case("/a", "www.example.com"), "x-forwarded-for", "10.9.8.7"),
+            "x-envoy-max-retries",
+            "3",
+        ),
+        with(
+            with(case("/a", "www.example.com"), "x-envoy-internal", "true"),
+            "x-envoy-force-trace",
+            "1",
+        ),
+        with(case("/a", "www.example.com"), "via", "1.1 upstream-proxy"),
     ];
     let mut p = case("/method", "any");
     p.method = "POST";
@@ -479,9 +495,7 @@ fn legate_routes_like_envoy() {
         cluster_yaml("dead", &[dead], ""),
         "\n  - name: empty\n    connect_timeout: 1s\n".to_string(),
     ];
-    // use_remote_address stays off: in some sandboxes Envoy reports a loopback client as
-    // another address, which would make x-forwarded-for differ for reasons outside legate.
-    let hcm = "server_name: gw";
+    let hcm = "server_name: gw\nuse_remote_address: true\nvia: diff-via";
     let envoy_port = free_port();
     let legate_port = free_port();
     let dir = tempfile::tempdir().unwrap();

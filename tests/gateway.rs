@@ -255,7 +255,7 @@ fn malformed_requests_get_400_and_the_gateway_keeps_serving() {
 }
 
 #[test]
-fn edge_mode_appends_x_forwarded_for_and_keeps_internal_request_ids() {
+fn edge_mode_appends_x_forwarded_for_and_sanitises_external_requests() {
     let a = Upstream::start("a");
     let port = free_port();
     let yaml = bootstrap(
@@ -273,16 +273,30 @@ fn edge_mode_appends_x_forwarded_for_and_keeps_internal_request_ids() {
         "GET",
         "/",
         "w",
-        &[("x-forwarded-for", "10.1.2.3"), ("x-request-id", "abc")],
+        &[
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-request-id", "abc"),
+            ("x-envoy-max-retries", "5"),
+        ],
     );
     assert_eq!(r.status, 200);
     let seen = a.last();
-    assert_eq!(seen.header("x-forwarded-for"), Some("10.1.2.3,127.0.0.1"));
-    // A loopback client is internal: marked so, and its request id is kept.
-    assert_eq!(seen.header("x-envoy-internal"), Some("true"));
-    assert_eq!(seen.header("x-request-id"), Some("abc"));
+    // A loopback peer is recorded as this host's address, as Envoy does.
+    let node = legate::proxy::node_address().to_string();
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some(format!("10.1.2.3,{node}").as_str())
+    );
+    // No address is internal by default (Envoy >= 1.33): an edge request gets a fresh
+    // request id, x-envoy-external-address, and its x-envoy control headers dropped.
+    assert_eq!(seen.header("x-envoy-internal"), None);
+    assert_eq!(seen.header("x-envoy-external-address"), Some("127.0.0.1"));
+    let id = seen.header("x-request-id").unwrap();
+    assert_ne!(id, "abc");
+    assert!(seen.header("x-envoy-max-retries").is_none());
     assert_eq!(seen.header("via"), Some("legate-test"));
-    assert_eq!(r.header("x-request-id"), Some("abc"));
+    assert_eq!(r.header("x-request-id"), Some(id));
+    assert_eq!(r.header("via"), Some("legate-test"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn retries_5xx_on_another_host_and_the_client_sees_only_the_final_answer() {
     let bad = ScriptedUpstream::start("bad", |_| Behavior::Status(503));
     let good = ScriptedUpstream::start("good", |_| Behavior::Status(200));
     let (_l, port) = start(
-        "retry_policy: {retry_on: 5xx, num_retries: 2, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts}]}",
+        "retry_policy: {retry_on: 5xx, num_retries: 2, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}",
         &[bad.port(), good.port()],
     );
     for _ in 0..10 {
@@ -69,7 +69,7 @@ fn connect_failures_are_retried_on_connect_failure() {
     let dead = free_port();
     let good = ScriptedUpstream::start("good", |_| Behavior::Status(200));
     let (_l, port) = start(
-        "retry_policy: {retry_on: connect-failure, num_retries: 3, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts}]}",
+        "retry_policy: {retry_on: connect-failure, num_retries: 3, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}",
         &[dead, good.port()],
     );
     for _ in 0..6 {
@@ -211,23 +211,34 @@ fn back_off_spacing_is_jittered_and_bounded() {
 }
 
 #[test]
-fn request_headers_turn_on_and_shape_retries() {
+fn request_headers_shape_retries_only_for_internal_clients() {
     let bad = ScriptedUpstream::start("bad", |_| Behavior::Status(500));
+    let headers = [("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "2")];
+    // By default no client is internal (as in Envoy >= 1.33): the headers are dropped.
     let (_l, port) = start("", &[bad.port()]);
-    let r = request(
-        port,
-        "GET",
-        "/",
-        "w",
-        &[("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "2")],
+    assert_eq!(request(port, "GET", "/", "w", &headers).status, 500);
+    assert_eq!(bad.count(), 1);
+
+    let port = free_port();
+    let route = "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: c}\n";
+    let hcm = "use_remote_address: true\ninternal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.0, prefix_len: 8}]}";
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, route, hcm)],
+        &[cluster_yaml("c", &[bad.port()], "")],
     );
-    assert_eq!(r.status, 500);
-    assert_eq!(bad.count(), 3);
+    let _l2 = Legate::start(&yaml, port);
+    assert_eq!(request(port, "GET", "/", "w", &headers).status, 500);
+    assert_eq!(
+        bad.count(),
+        4,
+        "an internal client's x-envoy-retry-on is obeyed: 1 + 2 retries"
+    );
     let seen = bad.seen();
     assert!(
         seen.iter().all(|s| s.header("x-envoy-retry-on").is_none()),
         "consumed, not forwarded"
     );
+    assert_eq!(seen[3].header("x-envoy-internal"), Some("true"));
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! What the HTTP connection manager does to a request before routing: x-forwarded-*,
-//! x-request-id, internal-header sanitising and host port stripping, as Envoy does them.
+//! What the HTTP connection manager does to a request before routing, as Envoy's
+//! `ConnectionManagerUtility::mutateRequestHeaders` does it: hop-by-hop removal,
+//! x-forwarded-for/-proto, internal/edge classification and sanitising, via, request id.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::OnceLock;
 
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
@@ -9,125 +11,181 @@ use pingora::http::RequestHeader;
 use crate::listener::{HttpConnectionManager, StripPort};
 use crate::route::table::strip_port;
 
-/// `x-envoy-*` request headers that only trusted (internal) clients may set.
-const INTERNAL_ONLY: &[&str] = &[
+/// Removed from every request that is not internal (the router would otherwise obey them).
+const INTERNAL_CONTROL: &[&str] = &[
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Also removed from edge requests.
+const EDGE_ONLY: &[&str] = &[
     "x-envoy-decorator-operation",
     "x-envoy-downstream-service-cluster",
     "x-envoy-downstream-service-node",
-    "x-envoy-expected-rq-timeout-ms",
-    "x-envoy-external-address",
-    "x-envoy-force-trace",
-    "x-envoy-hedge-on-per-try-timeout",
-    "x-envoy-internal",
-    "x-envoy-ip-tags",
-    "x-envoy-max-retries",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-retry-on",
-    "x-envoy-upstream-alt-stat-name",
-    "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-upstream-rq-timeout-alt-response",
-    "x-envoy-upstream-rq-timeout-ms",
 ];
 
-/// Envoy's notion of an internal address: RFC 1918, loopback, link-local-free private v6.
-pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
-    }
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "upgrade",
+    "x-envoy-internal",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+];
+
+/// This host's address as Envoy's `LocalInfo` sees it: the first non-loopback IPv4
+/// interface address, else IPv6, else loopback. Envoy appends it to x-forwarded-for for
+/// clients that connect over loopback.
+pub fn node_address() -> IpAddr {
+    static ADDR: OnceLock<IpAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let ifs = if_addrs::get_if_addrs().unwrap_or_default();
+        let non_loopback = |v4: bool| {
+            ifs.iter()
+                .map(|i| i.ip())
+                .find(|ip| !ip.is_loopback() && ip.is_ipv4() == v4)
+        };
+        non_loopback(true)
+            .or_else(|| non_loopback(false))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    })
 }
 
-/// The client address Envoy would use: the connection's peer with `use_remote_address`,
-/// otherwise taken from x-forwarded-for, trusting `xff_num_trusted_hops` hops.
-pub fn effective_remote(
-    hcm: &HttpConnectionManager,
-    req: &RequestHeader,
-    peer: Option<IpAddr>,
-) -> Option<IpAddr> {
-    if hcm.use_remote_address && hcm.xff_num_trusted_hops == 0 {
-        return peer;
-    }
-    let xff = req.headers.get("x-forwarded-for")?.to_str().ok()?;
-    let parts: Vec<&str> = xff.split(',').map(str::trim).collect();
-    let skip = if hcm.use_remote_address {
-        hcm.xff_num_trusted_hops.saturating_sub(1)
-    } else {
-        hcm.xff_num_trusted_hops
-    } as usize;
-    parts.iter().rev().nth(skip).and_then(|s| s.parse().ok())
+/// The client address Envoy uses (for source-IP hashing and headers) and the request id.
+#[derive(Debug, Default)]
+pub struct Downstream {
+    pub remote: Option<IpAddr>,
+    pub request_id: Option<HeaderValue>,
 }
 
-/// Applies the HCM's request header rules; returns the request id, if there is one.
+/// Applies the HCM's request header rules.
 pub fn mutate_request_headers(
     hcm: &HttpConnectionManager,
     req: &mut RequestHeader,
     peer: Option<IpAddr>,
     listener_port: u16,
-) -> Option<HeaderValue> {
-    let remote = effective_remote(hcm, req, peer);
-    let internal = remote.is_some_and(is_internal);
-    let external = hcm.use_remote_address && !internal;
+) -> Downstream {
+    for h in HOP_BY_HOP {
+        req.remove_header(*h);
+    }
+    if req.headers.get_all(http::header::REFERER).iter().count() > 1 {
+        req.remove_header(&http::header::REFERER);
+    }
 
-    if hcm.use_remote_address && !hcm.skip_xff_append {
-        if let Some(ip) = peer {
-            append_comma(req, "x-forwarded-for", &ip.to_string());
+    let mut remote: Option<IpAddr> = None;
+    let mut trusted_checks = false;
+    if hcm.use_remote_address {
+        trusted_checks = !req.headers.contains_key("x-forwarded-for");
+        if hcm.xff_num_trusted_hops > 0 {
+            remote = xff_address(req, hcm.xff_num_trusted_hops - 1);
+        }
+        remote = remote.or(peer);
+        if !hcm.skip_xff_append {
+            if let Some(p) = peer {
+                let appended = if p.is_loopback() { node_address() } else { p };
+                append_list(req, "x-forwarded-for", ",", &appended.to_string());
+            }
+        }
+        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
+            let _ = req.insert_header("x-forwarded-proto", "http");
         }
     }
-    if external {
-        for h in INTERNAL_ONLY {
+    if !req.headers.contains_key("x-forwarded-proto") {
+        let _ = req.insert_header("x-forwarded-proto", "http");
+    }
+
+    let internal = trusted_checks && remote.is_some_and(|ip| hcm.internal_addresses.contains(ip));
+    let remote = remote.or(peer);
+    let edge = !internal && hcm.use_remote_address;
+    if internal {
+        let _ = req.insert_header("x-envoy-internal", "true");
+    } else {
+        if edge {
+            for h in EDGE_ONLY {
+                req.remove_header(*h);
+            }
+        }
+        for h in INTERNAL_CONTROL {
             req.remove_header(*h);
         }
+        for h in &hcm.routes.internal_only_headers {
+            req.remove_header(h);
+        }
+    }
+    if let Some(via) = &hcm.via {
+        append_list(req, "via", ", ", via);
+    }
+    if edge {
         if let Some(ip) = remote {
             let _ = req.insert_header("x-envoy-external-address", ip.to_string());
         }
-    } else if hcm.use_remote_address && internal {
-        let _ = req.insert_header("x-envoy-internal", "true");
-    }
-    if external || !req.headers.contains_key("x-forwarded-proto") {
-        let _ = req.insert_header("x-forwarded-proto", "http");
-    }
-    if let Some(via) = &hcm.via {
-        append_comma(req, "via", via);
     }
 
-    match hcm.strip_port {
-        StripPort::None => {}
-        StripPort::Matching | StripPort::Any => {
-            let host = req
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok());
-            if let Some(host) = host {
-                if let Some(stripped) = strip_port(host) {
-                    let port_ok = hcm.strip_port == StripPort::Any
-                        || host[stripped.len() + 1..].parse::<u16>().ok() == Some(listener_port);
-                    if port_ok {
-                        let stripped = stripped.to_string();
-                        let _ = req.insert_header(http::header::HOST, stripped);
-                    }
-                }
-            }
-        }
-    }
+    strip_host_port(hcm.strip_port, req, listener_port);
 
     let existing = req.headers.get("x-request-id").cloned();
-    let regenerate = external && !hcm.preserve_external_request_id;
-    match existing {
-        Some(id) if !regenerate => Some(id),
+    let force = edge && !hcm.preserve_external_request_id;
+    let request_id = match existing {
+        Some(id) if !force || !hcm.generate_request_id => Some(id),
         _ if hcm.generate_request_id => {
-            let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok()?;
-            let _ = req.insert_header("x-request-id", id.clone());
-            Some(id)
+            let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok();
+            if let Some(id) = &id {
+                let _ = req.insert_header("x-request-id", id.clone());
+            }
+            id
         }
-        Some(id) => Some(id),
-        None => None,
+        other => other,
+    };
+    Downstream { remote, request_id }
+}
+
+/// The address `skip` entries from the right of x-forwarded-for.
+fn xff_address(req: &RequestHeader, skip: u32) -> Option<IpAddr> {
+    let xff = req.headers.get("x-forwarded-for")?.to_str().ok()?;
+    xff.split(',')
+        .map(str::trim)
+        .rev()
+        .nth(skip as usize)
+        .and_then(|s| s.parse().ok())
+}
+
+fn strip_host_port(mode: StripPort, req: &mut RequestHeader, listener_port: u16) {
+    if mode == StripPort::None {
+        return;
+    }
+    let Some(host) = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return;
+    };
+    let Some(stripped) = strip_port(host) else {
+        return;
+    };
+    let port_matches = host[stripped.len() + 1..].parse::<u16>().ok() == Some(listener_port);
+    if mode == StripPort::Any || port_matches {
+        let stripped = stripped.to_string();
+        let _ = req.insert_header(http::header::HOST, stripped);
     }
 }
 
-/// Envoy appends to a list header with `,` and no space.
-fn append_comma(req: &mut RequestHeader, name: &'static str, value: &str) {
+/// Appends to a list header the way Envoy does (`,` for x-forwarded-for, `, ` for via).
+fn append_list(req: &mut RequestHeader, name: &'static str, sep: &str, value: &str) {
     let joined = match req.headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(old) if !old.is_empty() => format!("{old},{value}"),
+        Some(old) if !old.is_empty() => format!("{old}{sep}{value}"),
         _ => value.to_string(),
     };
     let _ = req.insert_header(HeaderName::from_static(name), joined);

@@ -29,7 +29,7 @@ use crate::route::{Action, ClusterChoice, Matched, RequestView};
 use crate::server::ListenerMap;
 use crate::snapshot::Snapshot;
 use attempt::Attempts;
-pub use downstream::is_internal;
+pub use downstream::node_address;
 pub use local_reply::LocalReply;
 use local_reply::{NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
 
@@ -69,6 +69,8 @@ pub struct RequestCtx {
     request_id: Option<HeaderValue>,
     remote: Option<SocketAddr>,
     local: Option<SocketAddr>,
+    /// The client as the HCM determined it (x-forwarded-for aware).
+    client_ip: Option<std::net::IpAddr>,
     hash: Option<u64>,
     attempts: Attempts,
     upstream_started: Option<Instant>,
@@ -127,12 +129,14 @@ impl ProxyHttp for LegateProxy {
         }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx.local = local;
-        ctx.request_id = downstream::mutate_request_headers(
+        let ds = downstream::mutate_request_headers(
             hcm,
             session.req_header_mut(),
             ctx.remote.map(|a| a.ip()),
             listener.address.port(),
         );
+        ctx.request_id = ds.request_id;
+        ctx.client_ip = ds.remote;
         for f in &hcm.filters.filters {
             if let FilterDecision::Respond { status, body } =
                 f.on_request_headers(session.req_header_mut())
@@ -444,7 +448,7 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         .and_then(|v| v.to_str().ok())
         .unwrap_or("http");
     let mut view = RequestView::new(req.method.as_str(), path, host, scheme, &req.headers);
-    view.remote_ip = ctx.remote.map(|a| a.ip());
+    view.remote_ip = ctx.client_ip;
     let table = &listener.hcm.routes;
     let Some((v, r)) = table.route_index(&view) else {
         return Decision::Reply(LocalReply::new(404, ""));
@@ -513,6 +517,17 @@ fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
         upstream::apply_response_mutations(resp, m, ctx.weighted, &hcm.routes, &fmt);
     }
     upstream::set_server_header(resp, hcm);
+    if let Some(via) = &hcm.via {
+        let joined = match resp
+            .headers
+            .get(http::header::VIA)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(old) if !old.is_empty() => format!("{old}, {via}"),
+            _ => via.clone(),
+        };
+        let _ = resp.insert_header(http::header::VIA, joined);
+    }
     if hcm.always_set_request_id_in_response {
         if let Some(id) = &ctx.request_id {
             let _ = resp.insert_header("x-request-id", id.clone());

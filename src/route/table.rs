@@ -46,6 +46,8 @@ pub struct RouteTable {
     /// Whether every cluster a route names must exist when the table is loaded (Envoy's
     /// default for inline route configurations).
     pub validate_clusters: bool,
+    /// Removed from requests that are not internal.
+    pub internal_only_headers: Vec<http::HeaderName>,
 }
 
 /// The route a request matched, with the virtual host it belongs to.
@@ -166,7 +168,6 @@ impl RouteTable {
             errs,
             at,
             vhds,
-            internal_only_headers,
             cluster_specifier_plugins,
             request_mirror_policies,
             vhost_header,
@@ -202,6 +203,22 @@ impl RouteTable {
             ),
             most_specific_header_mutations_wins: *most_specific_header_mutations_wins,
             validate_clusters: validate_clusters.is_none_or(|b| b.value),
+            internal_only_headers: internal_only_headers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| {
+                    match http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                        Ok(n) => Some(n),
+                        Err(_) => {
+                            errs.add(
+                                index(&join(at, "internal_only_headers"), i),
+                                "invalid header name",
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect(),
         };
         let mut seen: HashMap<String, String> = HashMap::new();
         for (i, vp) in virtual_hosts.iter().enumerate() {
