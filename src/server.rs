@@ -76,9 +76,12 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         .map_err(|e| ConfigErrors::one("", format!("cannot install the SIGHUP handler: {e}")))?;
 
     let snapshot = source.load()?;
+    let control = control_runtime()
+        .map_err(|e| ConfigErrors::one("", format!("cannot start the control runtime: {e}")))?;
     for c in snapshot.clusters.values() {
-        c.start_dns_refresh();
+        c.start_background(&control);
     }
+    wait_for_initial_health_checks(&snapshot);
     let listeners = Arc::new(ListenerMap::new(&snapshot));
     let addresses: Vec<(String, SocketAddr)> = snapshot
         .listeners
@@ -90,11 +93,12 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
     {
         let shared = shared.clone();
         let source = source.clone();
+        let control = control.clone();
         std::thread::Builder::new()
             .name("sighup".into())
             .spawn(move || {
                 for _ in signals.forever() {
-                    reload(&source, &shared);
+                    reload(&source, &shared, &control);
                 }
             })
             .map_err(|e| ConfigErrors::one("", format!("cannot start the reload thread: {e}")))?;
@@ -122,7 +126,52 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
     server.run_forever();
 }
 
-fn reload(source: &ConfigSource, shared: &ArcSwap<Snapshot>) {
+/// A small runtime, separate from the proxy's workers, for health checks, outlier
+/// detection and DNS refresh.
+fn control_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("legate-control")
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("legate-control".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
+/// Envoy does not serve until health-checked clusters finished their first round (cluster
+/// warming); wait the same way, bounded by each cluster's check timeout.
+fn wait_for_initial_health_checks(snapshot: &Snapshot) {
+    let deadline = snapshot
+        .clusters
+        .values()
+        .filter_map(|c| {
+            c.health_check
+                .as_ref()
+                .map(|h| h.timeout + h.initial_jitter)
+        })
+        .max()
+        .map(|d| std::time::Instant::now() + d + std::time::Duration::from_millis(500));
+    let Some(deadline) = deadline else { return };
+    let done = || {
+        snapshot
+            .clusters
+            .values()
+            .filter(|c| c.health_check.is_some())
+            .all(|c| {
+                c.members()
+                    .iter()
+                    .all(|h| h.hc_checked.load(std::sync::atomic::Ordering::Relaxed))
+            })
+    };
+    while !done() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn reload(source: &ConfigSource, shared: &ArcSwap<Snapshot>, control: &tokio::runtime::Handle) {
     match source.load() {
         Ok(new) => {
             let old = shared.load();
@@ -138,8 +187,11 @@ fn reload(source: &ConfigSource, shared: &ArcSwap<Snapshot>) {
                     source.describe()
                 );
             }
-            for c in new.clusters.values() {
-                c.start_dns_refresh();
+            for (name, c) in &new.clusters {
+                if let Some(prev) = old.clusters.get(name) {
+                    c.adopt_state(prev);
+                }
+                c.start_background(control);
             }
             shared.store(Arc::new(new));
             log::info!("reloaded {}", source.describe());

@@ -497,7 +497,7 @@ fn validate_prints_ok_or_every_error_with_its_path() {
 static_resources:
   clusters:
   - name: c
-    outlier_detection: {consecutive_5xx: 3}
+    lb_subset_config: {fallback_policy: ANY_ENDPOINT}
   - name: c
   listeners:
   - address: {socket_address: {address: 127.0.0.1, port_value: 1}}
@@ -520,7 +520,7 @@ static_resources:
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("static_resources.clusters[0].outlier_detection: not supported"),
+        text.contains("static_resources.clusters[0].lb_subset_config: not supported"),
         "{text}"
     );
     assert!(

@@ -1,7 +1,15 @@
 //! Upstream hosts and their grouping by priority and locality.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Health flags, as Envoy keeps them per host. A host with any flag set is unhealthy.
+pub mod flags {
+    /// Failed active health checking (or has not passed its first check yet).
+    pub const FAILED_ACTIVE_HC: u32 = 1;
+    /// Ejected by outlier detection.
+    pub const FAILED_OUTLIER: u32 = 1 << 1;
+}
 
 /// One upstream endpoint.
 #[derive(Debug)]
@@ -11,7 +19,16 @@ pub struct Host {
     pub hostname: String,
     pub weight: u32,
     pub locality: usize,
+    pub priority: u32,
+    pub locality_weight: u32,
     active_requests: AtomicU64,
+    health: AtomicU32,
+    /// Active health checking: consecutive results and whether a check has completed.
+    pub hc_successes: AtomicU32,
+    pub hc_failures: AtomicU32,
+    pub hc_checked: std::sync::atomic::AtomicBool,
+    /// Outlier detection counters.
+    pub outlier: super::outlier::HostOutlier,
 }
 
 impl Host {
@@ -21,8 +38,46 @@ impl Host {
             hostname,
             weight: weight.max(1),
             locality,
+            priority: 0,
+            locality_weight: 1,
             active_requests: AtomicU64::new(0),
+            health: AtomicU32::new(0),
+            hc_successes: AtomicU32::new(0),
+            hc_failures: AtomicU32::new(0),
+            hc_checked: std::sync::atomic::AtomicBool::new(false),
+            outlier: Default::default(),
         }
+    }
+
+    pub fn health_flags(&self) -> u32 {
+        self.health.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health_flags() == 0
+    }
+
+    /// Sets or clears a flag; true when the flag changed.
+    pub fn set_flag(&self, flag: u32, on: bool) -> bool {
+        let old = if on {
+            self.health.fetch_or(flag, Ordering::Relaxed)
+        } else {
+            self.health.fetch_and(!flag, Ordering::Relaxed)
+        };
+        (old & flag != 0) != on
+    }
+
+    /// Copies health and detection state from the same endpoint in a previous config, so a
+    /// reload does not reset it.
+    pub fn adopt_state(&self, old: &Host) {
+        self.health.store(old.health_flags(), Ordering::Relaxed);
+        self.hc_successes
+            .store(old.hc_successes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.hc_failures
+            .store(old.hc_failures.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.hc_checked
+            .store(old.hc_checked.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.outlier.adopt(&old.outlier);
     }
 
     pub fn active_requests(&self) -> u64 {

@@ -1,41 +1,41 @@
 //! Upstream clusters: their endpoints (static or from DNS) and how a host is chosen.
 
+mod background;
+pub mod circuit;
+mod config;
+pub mod health;
 pub mod host;
 pub mod lb;
+pub mod outlier;
 pub mod priority;
 
+pub use config::socket_address;
+
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::{
-    cluster::{
-        common_lb_config::LocalityConfigSpecifier, ring_hash_lb_config::HashFunction,
-        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, DnsLookupFamily, LbConfig,
-        LbPolicy as LbPolicyProto, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
-        RoundRobinLbConfig,
-    },
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily},
     Cluster as ClusterProto,
 };
-use envoy_types::pb::envoy::config::core::v3::{
-    address, socket_address::PortSpecifier, Address, SocketAddress,
-};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    cluster_load_assignment::Policy, lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint,
-    LbEndpoint, LocalityLbEndpoints,
-};
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
-    HttpProtocolOptions,
-};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 
 use crate::config::duration;
-use crate::config::error::{index, join, Errors};
+use crate::config::error::{join, Errors};
 use crate::config::load::unpack_any;
 use crate::reject_set;
-use host::{Host, DEFAULT_OVERPROVISIONING_FACTOR};
+use circuit::CircuitBreaker;
+use config::{
+    convert_common_lb, convert_http_protocol_options, convert_lb_policy, convert_load_assignment,
+    convert_upstream_http_options,
+};
+use health::HealthCheckConfig;
+use host::{flags, Host, DEFAULT_OVERPROVISIONING_FACTOR};
 use lb::{LbContext, LbPolicy};
+use outlier::{Outcome, OutlierConfig};
 use priority::{HostSet, LocalityHosts, PrioritySet};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +46,7 @@ const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProt
 
 /// One endpoint as configured, before DNS resolution.
 #[derive(Debug, Clone)]
-struct EndpointSpec {
+pub(crate) struct EndpointSpec {
     host: String,
     port: u16,
     hostname: String,
@@ -57,7 +57,7 @@ struct EndpointSpec {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Discovery {
+pub(crate) enum Discovery {
     Static,
     StrictDns,
     LogicalDns,
@@ -75,7 +75,23 @@ pub struct Cluster {
     lookup_family: DnsLookupFamily,
     dns_refresh: Duration,
     endpoints: Vec<EndpointSpec>,
+    pub circuit: Arc<CircuitBreaker>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub outlier: Option<OutlierConfig>,
+    /// Below this share of healthy hosts a priority ignores health (Envoy's panic mode).
+    panic_threshold: f64,
+    /// Every host, healthy or not, in config order.
+    members: ArcSwap<Vec<Arc<Host>>>,
+    /// What the balancers pick from: healthy hosts by priority and locality.
     hosts: ArcSwap<PrioritySet>,
+    /// Set once the cluster routed a request (health checks then use `interval`).
+    has_traffic: AtomicBool,
+    /// Serialises rebuilds of the host sets (control path only).
+    rebuild_lock: Mutex<()>,
+    /// Where background tasks (health checks, outlier detection) run, once started.
+    runtime: OnceLock<tokio::runtime::Handle>,
+    /// This cluster's own weak reference, for tasks spawned from `&self`.
+    self_ref: OnceLock<std::sync::Weak<Cluster>>,
 }
 
 impl Cluster {
@@ -144,9 +160,7 @@ impl Cluster {
             eds_cluster_config,
             per_connection_buffer_limit_bytes,
             per_connection_buffer_high_watermark_timeout,
-            health_checks,
             max_requests_per_connection,
-            circuit_breakers,
             upstream_http_protocol_options,
             http_protocol_options,
             http2_protocol_options,
@@ -158,7 +172,6 @@ impl Cluster {
             dns_resolution_config,
             typed_dns_resolver_config,
             wait_for_warm_on_init,
-            outlier_detection,
             cleanup_interval,
             upstream_bind_config,
             lb_subset_config,
@@ -215,8 +228,24 @@ impl Cluster {
             }
         };
         let policy = convert_lb_policy(*lb_policy, lb_config, at, errs)?;
-        let (locality_weighted, _) =
+        let (locality_weighted, panic_threshold) =
             convert_common_lb(common_lb_config, &join(at, "common_lb_config"), errs);
+        let health_check = match health_checks.as_slice() {
+            [] => None,
+            [hc] => HealthCheckConfig::convert(hc, &join(at, "health_checks[0]"), errs),
+            _ => {
+                errs.add(
+                    join(at, "health_checks"),
+                    "at most one health check is supported",
+                );
+                None
+            }
+        };
+        let outlier = outlier_detection
+            .as_ref()
+            .map(|o| OutlierConfig::convert(o, &join(at, "outlier_detection"), errs));
+        let circuit =
+            CircuitBreaker::convert(circuit_breakers, &join(at, "circuit_breakers"), errs);
         let mut idle_timeout = DEFAULT_UPSTREAM_IDLE_TIMEOUT;
         if let Some(opts) = common_http_protocol_options {
             let at = join(at, "common_http_protocol_options");
@@ -271,7 +300,16 @@ impl Cluster {
                 .filter(|d| !d.is_zero())
                 .unwrap_or(DEFAULT_DNS_REFRESH),
             endpoints,
+            circuit: Arc::new(circuit),
+            health_check,
+            outlier,
+            panic_threshold,
+            members: ArcSwap::from_pointee(Vec::new()),
             hosts: ArcSwap::from_pointee(PrioritySet::empty()),
+            has_traffic: AtomicBool::new(false),
+            rebuild_lock: Mutex::new(()),
+            runtime: OnceLock::new(),
+            self_ref: OnceLock::new(),
         };
         cluster.refresh_hosts();
         Some(cluster)
@@ -279,6 +317,9 @@ impl Cluster {
 
     /// Chooses an upstream host, or None when the cluster has none.
     pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
+        if !self.has_traffic.load(Ordering::Relaxed) {
+            self.has_traffic.store(true, Ordering::Relaxed);
+        }
         let ctx = LbContext {
             hash,
             random: rand::random(),
@@ -290,11 +331,22 @@ impl Cluster {
         self.hosts.load().host_count()
     }
 
+    /// Every host of the cluster, healthy or not.
+    pub fn members(&self) -> Arc<Vec<Arc<Host>>> {
+        self.members.load_full()
+    }
+
+    pub fn has_traffic(&self) -> bool {
+        self.has_traffic.load(Ordering::Relaxed)
+    }
+
     pub fn uses_dns(&self) -> bool {
         self.discovery != Discovery::Static
     }
 
-    /// Resolves (for DNS clusters) and rebuilds the host set and its balancers.
+    /// Resolves (for DNS clusters) the endpoints and rebuilds the host sets. A host that
+    /// was already a member keeps its state; a new one starts unhealthy when the cluster
+    /// is health checked, as in Envoy, until its first check passes.
     pub fn refresh_hosts(&self) {
         let mut resolved: Vec<(EndpointSpec, SocketAddr)> = Vec::new();
         for e in &self.endpoints {
@@ -319,73 +371,131 @@ impl Cluster {
                 }
             }
         }
+        let old = self.members.load_full();
+        let mut added = Vec::new();
+        let members: Vec<Arc<Host>> = resolved
+            .into_iter()
+            .map(|(e, addr)| {
+                let same = old.iter().find(|h| {
+                    h.address == addr && h.priority == e.priority && h.locality == e.locality
+                });
+                match same {
+                    Some(h) if h.weight == e.weight.max(1) && h.hostname == e.hostname => h.clone(),
+                    _ => {
+                        let mut h = Host::new(addr, e.hostname.clone(), e.weight, e.locality);
+                        h.priority = e.priority;
+                        h.locality_weight = e.locality_weight;
+                        if let Some(prev) = same {
+                            h.adopt_state(prev);
+                        } else if self.health_check.is_some() {
+                            h.set_flag(flags::FAILED_ACTIVE_HC, true);
+                        }
+                        let h = Arc::new(h);
+                        added.push(h.clone());
+                        h
+                    }
+                }
+            })
+            .collect();
+        self.members.store(Arc::new(members));
+        self.rebuild();
+        if let Some(rt) = self.runtime.get() {
+            background::spawn_health_checks(self, rt, &added);
+        }
+    }
+
+    /// Carries health and outlier state over from the same cluster in the previous
+    /// configuration, so a reload neither resets checks nor forgets ejections.
+    pub fn adopt_state(&self, old: &Cluster) {
+        let old_members = old.members();
+        for h in self.members().iter() {
+            if let Some(prev) = old_members.iter().find(|o| o.address == h.address) {
+                h.adopt_state(prev);
+            }
+        }
+        if old.has_traffic() {
+            self.has_traffic.store(true, Ordering::Relaxed);
+        }
+        self.rebuild();
+    }
+
+    /// Rebuilds the balancers from the members' current health.
+    pub fn rebuild(&self) {
+        let _guard = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let members = self.members.load();
         let set = build_priority_set(
-            &resolved,
+            &members,
             &self.policy,
             self.locality_weighted,
             self.overprovisioning_factor,
+            self.panic_threshold,
         );
         self.hosts.store(Arc::new(set));
     }
 
-    /// Re-resolves a DNS cluster every `dns_refresh_rate` until the cluster is dropped.
-    pub fn start_dns_refresh(self: &Arc<Self>) {
-        if !self.uses_dns() {
+    /// Records a request's outcome for outlier detection; ejects the host when a
+    /// consecutive-failure threshold is reached and the limits allow it.
+    pub fn record_outcome(&self, host: &Arc<Host>, outcome: Outcome) {
+        let Some(cfg) = &self.outlier else { return };
+        if let Some(reason) = host.outlier.record(outcome, cfg) {
+            if background::eject(self, host, reason, cfg) {
+                self.rebuild();
+            }
+        }
+    }
+
+    /// Starts health checks, outlier detection and DNS refresh on `rt`. Tasks stop when
+    /// the cluster is dropped.
+    pub fn start_background(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let _ = self.self_ref.set(Arc::downgrade(self));
+        if self.runtime.set(rt.clone()).is_err() {
             return;
         }
-        let weak: Weak<Cluster> = Arc::downgrade(self);
-        let period = self.dns_refresh;
-        let spawned = std::thread::Builder::new()
-            .name(format!("dns-{}", self.name))
-            .spawn(move || loop {
-                std::thread::sleep(period);
-                match weak.upgrade() {
-                    Some(c) => c.refresh_hosts(),
-                    None => return,
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cluster {}: cannot start DNS refresh: {e}", self.name);
-        }
+        let members = self.members();
+        background::spawn_health_checks(self, rt, &members);
+        background::spawn_outlier_detection(self, rt);
+        background::spawn_dns_refresh(self, rt, self.dns_refresh);
     }
 }
 
 fn build_priority_set(
-    resolved: &[(EndpointSpec, SocketAddr)],
+    members: &[Arc<Host>],
     policy: &LbPolicy,
     locality_weighted: bool,
     overprovisioning_factor: u32,
+    panic_threshold: f64,
 ) -> PrioritySet {
-    let max_priority = resolved.iter().map(|(e, _)| e.priority).max();
-    let Some(max_priority) = max_priority else {
+    let Some(max_priority) = members.iter().map(|h| h.priority).max() else {
         return PrioritySet::empty();
     };
     let mut priorities = Vec::new();
+    let mut health = Vec::new();
     for p in 0..=max_priority {
+        let in_priority: Vec<&Arc<Host>> = members.iter().filter(|h| h.priority == p).collect();
+        let total = in_priority.len();
+        let healthy = in_priority.iter().filter(|h| h.is_healthy()).count();
+        // Panic: too few healthy hosts, so health is ignored and all hosts share the load.
+        let panic = total > 0 && (healthy as f64) * 100.0 < panic_threshold * total as f64;
         let mut localities: Vec<LocalityHosts> = Vec::new();
         let mut ids: Vec<usize> = Vec::new();
-        for (e, addr) in resolved.iter().filter(|(e, _)| e.priority == p) {
-            let slot = match ids.iter().position(|l| *l == e.locality) {
+        for h in in_priority.into_iter().filter(|h| panic || h.is_healthy()) {
+            let slot = match ids.iter().position(|l| *l == h.locality) {
                 Some(s) => s,
                 None => {
-                    ids.push(e.locality);
+                    ids.push(h.locality);
                     localities.push(LocalityHosts {
-                        weight: e.locality_weight,
+                        weight: h.locality_weight,
                         hosts: Vec::new(),
                     });
                     localities.len() - 1
                 }
             };
-            localities[slot].hosts.push(Arc::new(Host::new(
-                *addr,
-                e.hostname.clone(),
-                e.weight,
-                e.locality,
-            )));
+            localities[slot].hosts.push(h.clone());
         }
+        health.push((if panic { total } else { healthy }, total));
         priorities.push(HostSet::new(localities, policy, locality_weighted));
     }
-    PrioritySet::new(priorities, overprovisioning_factor)
+    PrioritySet::new(priorities, &health, overprovisioning_factor)
 }
 
 fn resolve(host: &str, port: u16, family: DnsLookupFamily) -> Vec<SocketAddr> {
@@ -419,440 +529,6 @@ fn resolve(host: &str, port: u16, family: DnsLookupFamily) -> Vec<SocketAddr> {
     };
     out.dedup();
     out
-}
-
-fn convert_lb_policy(
-    policy: i32,
-    lb_config: &Option<LbConfig>,
-    at: &str,
-    errs: &mut Errors,
-) -> Option<LbPolicy> {
-    let kind = match LbPolicyProto::try_from(policy) {
-        Ok(k) => k,
-        Err(_) => {
-            errs.add(join(at, "lb_policy"), "unknown value");
-            return None;
-        }
-    };
-    let out = match kind {
-        LbPolicyProto::RoundRobin => LbPolicy::RoundRobin,
-        LbPolicyProto::Random => LbPolicy::Random,
-        LbPolicyProto::LeastRequest => LbPolicy::LeastRequest { choice_count: 2 },
-        LbPolicyProto::RingHash => LbPolicy::RingHash {
-            min_ring_size: 1024,
-            max_ring_size: 8 * 1024 * 1024,
-        },
-        LbPolicyProto::Maglev => LbPolicy::Maglev {
-            table_size: lb::maglev_default_table_size(),
-        },
-        LbPolicyProto::ClusterProvided | LbPolicyProto::LoadBalancingPolicyConfig => {
-            errs.add(
-                join(at, "lb_policy"),
-                format!("{} is not supported", kind.as_str_name()),
-            );
-            return None;
-        }
-    };
-    let Some(cfg) = lb_config else {
-        return Some(out);
-    };
-    match (out, cfg) {
-        (LbPolicy::RingHash { .. }, LbConfig::RingHashLbConfig(c)) => {
-            let at = join(at, "ring_hash_lb_config");
-            let RingHashLbConfig {
-                minimum_ring_size,
-                hash_function,
-                maximum_ring_size,
-            } = c;
-            if *hash_function != HashFunction::XxHash as i32 {
-                errs.add(join(&at, "hash_function"), "only XX_HASH is supported");
-            }
-            let min = minimum_ring_size.map_or(1024, |v| v.value);
-            let max = maximum_ring_size.map_or(8 * 1024 * 1024, |v| v.value);
-            if min == 0 || min > max || max > 8 * 1024 * 1024 {
-                errs.add(
-                    &at,
-                    "ring sizes must satisfy 0 < minimum_ring_size <= maximum_ring_size <= 8M",
-                );
-            }
-            Some(LbPolicy::RingHash {
-                min_ring_size: min,
-                max_ring_size: max,
-            })
-        }
-        (LbPolicy::Maglev { .. }, LbConfig::MaglevLbConfig(c)) => {
-            let MaglevLbConfig { table_size } = c;
-            let size = table_size.map_or(lb::maglev_default_table_size(), |v| v.value);
-            if !is_prime(size) || size > 5_000_011 {
-                errs.add(
-                    join(at, "maglev_lb_config.table_size"),
-                    "must be a prime number no larger than 5000011",
-                );
-            }
-            Some(LbPolicy::Maglev { table_size: size })
-        }
-        (LbPolicy::LeastRequest { .. }, LbConfig::LeastRequestLbConfig(c)) => {
-            let at = join(at, "least_request_lb_config");
-            let LeastRequestLbConfig {
-                choice_count,
-                active_request_bias,
-                slow_start_config,
-            } = c;
-            reject_set!(errs, &at, active_request_bias, slow_start_config);
-            let n = choice_count.map_or(2, |v| v.value);
-            if n < 2 {
-                errs.add(join(&at, "choice_count"), "must be at least 2");
-            }
-            Some(LbPolicy::LeastRequest { choice_count: n })
-        }
-        (LbPolicy::RoundRobin, LbConfig::RoundRobinLbConfig(c)) => {
-            let RoundRobinLbConfig { slow_start_config } = c;
-            reject_set!(errs, &join(at, "round_robin_lb_config"), slow_start_config);
-            Some(LbPolicy::RoundRobin)
-        }
-        (p, _) => {
-            errs.add(
-                at,
-                format!("lb_config does not match lb_policy {}", kind.as_str_name()),
-            );
-            Some(p)
-        }
-    }
-}
-
-fn is_prime(n: u64) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut i = 2;
-    while i * i <= n {
-        if n.is_multiple_of(i) {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
-/// Returns (locality_weighted, healthy_panic_threshold%).
-fn convert_common_lb(c: &Option<CommonLbConfig>, at: &str, errs: &mut Errors) -> (bool, f64) {
-    let Some(c) = c else { return (false, 50.0) };
-    let CommonLbConfig {
-        healthy_panic_threshold,
-        update_merge_window,
-        ignore_new_hosts_until_first_hc,
-        close_connections_on_host_set_change,
-        consistent_hashing_lb_config,
-        override_host_status,
-        locality_config_specifier,
-    } = c;
-    reject_set!(
-        errs,
-        at,
-        update_merge_window,
-        ignore_new_hosts_until_first_hc,
-        close_connections_on_host_set_change,
-        consistent_hashing_lb_config,
-        override_host_status,
-    );
-    // Without health checking no host is ever unhealthy, so the threshold cannot trigger;
-    // it is validated and kept for when health checks exist.
-    let panic = healthy_panic_threshold.as_ref().map_or(50.0, |p| p.value);
-    if !(0.0..=100.0).contains(&panic) {
-        errs.add(join(at, "healthy_panic_threshold"), "must be in [0, 100]");
-    }
-    let locality_weighted = match locality_config_specifier {
-        None => false,
-        Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_)) => true,
-        Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_)) => {
-            errs.add(join(at, "zone_aware_lb_config"), "not supported");
-            false
-        }
-    };
-    (locality_weighted, panic)
-}
-
-fn convert_upstream_http_options(
-    o: &envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions,
-    at: &str,
-    errs: &mut Errors,
-) -> Option<Duration> {
-    let envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
-        idle_timeout,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    } = o;
-    reject_set!(
-        errs,
-        at,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    );
-    duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
-    idle_timeout.as_ref().map(duration::to_std)
-}
-
-fn convert_http_protocol_options(
-    o: &HttpProtocolOptions,
-    at: &str,
-    errs: &mut Errors,
-) -> Option<Duration> {
-    let HttpProtocolOptions {
-        common_http_protocol_options,
-        upstream_http_protocol_options,
-        http_filters,
-        header_validation_config,
-        outlier_detection,
-        request_mirror_policies,
-        hash_policy,
-        retry_policy,
-        upstream_protocol_options,
-    } = o;
-    reject_set!(
-        errs,
-        at,
-        upstream_http_protocol_options,
-        http_filters,
-        header_validation_config,
-        outlier_detection,
-        request_mirror_policies,
-        hash_policy,
-        retry_policy,
-    );
-    match upstream_protocol_options {
-        None => {}
-        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match &e.protocol_config {
-            Some(ProtocolConfig::HttpProtocolOptions(h1)) => {
-                if *h1 != Default::default() {
-                    errs.add(
-                        join(at, "explicit_http_config.http_protocol_options"),
-                        "HTTP/1.1 options are not supported (leave it empty)",
-                    );
-                }
-            }
-            Some(ProtocolConfig::Http2ProtocolOptions(_)) => {
-                errs.add(
-                    join(at, "explicit_http_config.http2_protocol_options"),
-                    "upstream HTTP/2 is not supported yet",
-                );
-            }
-            Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
-                errs.add(
-                    join(at, "explicit_http_config.http3_protocol_options"),
-                    "not supported",
-                );
-            }
-            None => errs.add(join(at, "explicit_http_config"), "a protocol is required"),
-        },
-        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
-            errs.add(
-                join(at, "use_downstream_protocol_config"),
-                "not supported yet",
-            );
-        }
-        Some(UpstreamProtocolOptions::AutoConfig(_)) => {
-            errs.add(join(at, "auto_config"), "not supported yet");
-        }
-    }
-    common_http_protocol_options.as_ref().and_then(|c| {
-        convert_upstream_http_options(c, &join(at, "common_http_protocol_options"), errs)
-    })
-}
-
-fn convert_load_assignment(
-    la: &ClusterLoadAssignment,
-    at: &str,
-    discovery: Discovery,
-    errs: &mut Errors,
-) -> Vec<EndpointSpec> {
-    let ClusterLoadAssignment {
-        cluster_name: _,
-        endpoints,
-        named_endpoints,
-        policy,
-    } = la;
-    reject_set!(errs, at, named_endpoints);
-    if let Some(p) = policy {
-        let Policy {
-            drop_overloads,
-            overprovisioning_factor,
-            endpoint_stale_after,
-            weighted_priority_health,
-        } = p;
-        let pat = join(at, "policy");
-        reject_set!(
-            errs,
-            &pat,
-            drop_overloads,
-            endpoint_stale_after,
-            weighted_priority_health
-        );
-        if overprovisioning_factor.is_some_and(|f| f.value == 0) {
-            errs.add(
-                join(&pat, "overprovisioning_factor"),
-                "must be greater than 0",
-            );
-        }
-    }
-    let mut out = Vec::new();
-    let mut priorities_seen = Vec::new();
-    for (li, l) in endpoints.iter().enumerate() {
-        let lat = index(&join(at, "endpoints"), li);
-        let LocalityLbEndpoints {
-            locality: _,
-            metadata: _,
-            lb_endpoints,
-            load_balancing_weight,
-            priority,
-            proximity,
-            lb_config,
-        } = l;
-        reject_set!(errs, &lat, proximity, lb_config);
-        priorities_seen.push(*priority);
-        let locality_weight = load_balancing_weight.map_or(1, |w| w.value);
-        for (ei, e) in lb_endpoints.iter().enumerate() {
-            let eat = index(&join(&lat, "lb_endpoints"), ei);
-            let LbEndpoint {
-                health_status,
-                metadata: _,
-                load_balancing_weight,
-                host_identifier,
-            } = e;
-            reject_set!(errs, &eat, health_status);
-            let weight = load_balancing_weight.map_or(1, |w| w.value);
-            if weight == 0 {
-                errs.add(join(&eat, "load_balancing_weight"), "must be at least 1");
-            }
-            let endpoint = match host_identifier {
-                Some(HostIdentifier::Endpoint(ep)) => ep,
-                Some(HostIdentifier::EndpointName(_)) => {
-                    errs.add(join(&eat, "endpoint_name"), "not supported");
-                    continue;
-                }
-                None => {
-                    errs.add(join(&eat, "endpoint"), "required");
-                    continue;
-                }
-            };
-            let Endpoint {
-                address,
-                health_check_config,
-                hostname,
-                additional_addresses,
-                observability_name: _,
-            } = endpoint;
-            let eat = join(&eat, "endpoint");
-            reject_set!(errs, &eat, health_check_config, additional_addresses);
-            let Some((host, port)) = socket_address(address, &join(&eat, "address"), errs) else {
-                continue;
-            };
-            if discovery == Discovery::Static && host.parse::<IpAddr>().is_err() {
-                errs.add(
-                    join(&eat, "address.socket_address.address"),
-                    format!("'{host}' is not an IP address (STATIC clusters need IP addresses; use STRICT_DNS)"),
-                );
-                continue;
-            }
-            let hostname = if hostname.is_empty() {
-                host.clone()
-            } else {
-                hostname.clone()
-            };
-            out.push(EndpointSpec {
-                host,
-                port,
-                hostname,
-                weight,
-                priority: *priority,
-                locality: li,
-                locality_weight,
-            });
-        }
-    }
-    // Envoy requires priorities to be contiguous from 0.
-    priorities_seen.sort();
-    priorities_seen.dedup();
-    if priorities_seen
-        .iter()
-        .enumerate()
-        .any(|(i, p)| *p as usize != i)
-    {
-        errs.add(
-            join(at, "endpoints"),
-            "priorities must be contiguous and start at 0",
-        );
-    }
-    out
-}
-
-/// Reads `Address.socket_address` as (host, port); other address kinds are rejected.
-pub fn socket_address(a: &Option<Address>, at: &str, errs: &mut Errors) -> Option<(String, u16)> {
-    let Some(Address { address }) = a else {
-        errs.add(at, "required");
-        return None;
-    };
-    let sa = match address {
-        Some(address::Address::SocketAddress(sa)) => sa,
-        Some(address::Address::Pipe(_)) => {
-            errs.add(join(at, "pipe"), "not supported");
-            return None;
-        }
-        Some(address::Address::EnvoyInternalAddress(_)) => {
-            errs.add(join(at, "envoy_internal_address"), "not supported");
-            return None;
-        }
-        None => {
-            errs.add(join(at, "socket_address"), "required");
-            return None;
-        }
-    };
-    let at = join(at, "socket_address");
-    let SocketAddress {
-        protocol,
-        address,
-        resolver_name,
-        ipv4_compat,
-        network_namespace_filepath,
-        port_specifier,
-    } = sa;
-    reject_set!(
-        errs,
-        &at,
-        protocol,
-        resolver_name,
-        ipv4_compat,
-        network_namespace_filepath
-    );
-    let port = match port_specifier {
-        Some(PortSpecifier::PortValue(p)) if *p <= 65535 => *p as u16,
-        Some(PortSpecifier::PortValue(_)) => {
-            errs.add(join(&at, "port_value"), "must be at most 65535");
-            return None;
-        }
-        Some(PortSpecifier::NamedPort(_)) => {
-            errs.add(join(&at, "named_port"), "not supported");
-            return None;
-        }
-        None => {
-            errs.add(join(&at, "port_value"), "required");
-            return None;
-        }
-    };
-    if address.is_empty() {
-        errs.add(join(&at, "address"), "must not be empty");
-        return None;
-    }
-    Some((address.clone(), port))
 }
 
 #[cfg(test)]
@@ -968,11 +644,8 @@ load_assignment:
 
     #[test]
     fn unsupported_cluster_fields_are_named() {
-        let e = cluster("name: a\noutlier_detection: {}\n").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "clusters[0].outlier_detection: not supported"
-        );
+        let e = cluster("name: a\nlb_subset_config: {}\n").unwrap_err();
+        assert_eq!(e.to_string(), "clusters[0].lb_subset_config: not supported");
     }
 
     #[test]

@@ -102,13 +102,13 @@ pub struct PrioritySet {
 }
 
 impl PrioritySet {
-    pub fn new(priorities: Vec<HostSet>, overprovisioning_factor: u32) -> Self {
-        // Without health checking every host counts as healthy.
-        let health: Vec<(usize, usize)> = priorities
-            .iter()
-            .map(|p| (p.hosts.len(), p.hosts.len()))
-            .collect();
-        let load = priority_load(&health, overprovisioning_factor);
+    /// `health` holds each priority's (healthy, total) host counts.
+    pub fn new(
+        priorities: Vec<HostSet>,
+        health: &[(usize, usize)],
+        overprovisioning_factor: u32,
+    ) -> Self {
+        let load = priority_load(health, overprovisioning_factor);
         PrioritySet { priorities, load }
     }
 
@@ -216,7 +216,7 @@ mod tests {
             &LbPolicy::RoundRobin,
             false,
         );
-        let set = PrioritySet::new(vec![p0, p1], 140);
+        let set = PrioritySet::new(vec![p0, p1], &[(0, 0), (1, 1)], 140);
         let h = set
             .pick(&LbContext {
                 hash: None,

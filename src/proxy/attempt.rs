@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::circuit::{CircuitBreaker, Slot};
 use crate::cluster::host::Host;
 use crate::cluster::Cluster;
 use crate::retry::{Failure, RetryPolicy};
@@ -37,6 +38,8 @@ pub struct Attempts {
     pub transparent: bool,
     /// What made the last try fail, for the final error message.
     pub last_failure: Option<&'static str>,
+    /// Counts the retry under way against the cluster's `max_retries`.
+    retry_slot: Option<Slot>,
 }
 
 impl Attempts {
@@ -91,12 +94,14 @@ impl Attempts {
         self.try_deadline.is_some_and(|d| now >= d)
     }
 
-    /// Decides whether to retry after `failure`, and spends a retry if so.
+    /// Decides whether to retry after `failure`, and spends a retry if so. The cluster's
+    /// `max_retries` circuit breaker must have room for one more retry in flight.
     pub fn take_retry(
         &mut self,
         failure: Failure<'_>,
         body_replayable: bool,
         now: Instant,
+        breaker: Option<&Arc<CircuitBreaker>>,
     ) -> bool {
         let Some(policy) = &self.policy else {
             return false;
@@ -106,10 +111,17 @@ impl Attempts {
             && body_replayable
             && !self.global_expired(now)
             && policy.retries(failure);
-        if allowed {
-            self.retries_left -= 1;
+        if !allowed {
+            return false;
         }
-        allowed
+        if let Some(b) = breaker {
+            match b.try_retry() {
+                Some(slot) => self.retry_slot = Some(slot),
+                None => return false,
+            }
+        }
+        self.retries_left -= 1;
+        true
     }
 
     /// Time to wait before the next try, never past the request's deadline.

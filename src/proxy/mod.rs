@@ -19,7 +19,9 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
+use crate::cluster::circuit::Slot;
 use crate::cluster::host::{ActiveRequest, Host};
+use crate::cluster::outlier::Outcome;
 use crate::cluster::Cluster;
 use crate::filter::FilterDecision;
 use crate::listener::{HttpConnectionManager, Listener};
@@ -73,6 +75,8 @@ pub struct RequestCtx {
     client_ip: Option<std::net::IpAddr>,
     hash: Option<u64>,
     attempts: Attempts,
+    /// Counts this request against the cluster's `max_requests`.
+    request_slot: Option<Slot>,
     upstream_started: Option<Instant>,
 }
 
@@ -157,6 +161,11 @@ impl ProxyHttp for LegateProxy {
                 timeout,
                 hash,
             } => {
+                let Some(slot) = cluster.circuit.try_request() else {
+                    send_local_reply(session, ctx, overflow_reply()).await?;
+                    return Ok(true);
+                };
+                ctx.request_slot = Some(slot);
                 ctx.active = Some(host.start_request());
                 ctx.host = Some(host);
                 ctx.cluster = Some(cluster);
@@ -228,10 +237,17 @@ impl ProxyHttp for LegateProxy {
             ErrorType::ConnectRefused => "remote connection failure, transport failure reason: delayed connect error: Connection refused",
             _ => "remote connection failure",
         });
+        if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+            c.record_outcome(h, Outcome::LocalFailure);
+        }
+        let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
         let replayable = !session.as_ref().retry_buffer_truncated();
-        let retry = ctx
-            .attempts
-            .take_retry(Failure::ConnectFailure, replayable, Instant::now());
+        let retry = ctx.attempts.take_retry(
+            Failure::ConnectFailure,
+            replayable,
+            Instant::now(),
+            breaker.as_ref(),
+        );
         e.set_retry(retry);
         e
     }
@@ -280,9 +296,16 @@ impl ProxyHttp for LegateProxy {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         if status >= 200 {
+            if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+                c.record_outcome(h, Outcome::Status(status));
+            }
+            let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
             let replayable = !session.as_ref().retry_buffer_truncated();
             let failure = Failure::Response(status, &upstream_response.headers);
-            if ctx.attempts.take_retry(failure, replayable, Instant::now()) {
+            if ctx
+                .attempts
+                .take_retry(failure, replayable, Instant::now(), breaker.as_ref())
+            {
                 let mut e =
                     Error::explain(RETRY_ON_RESPONSE, format!("upstream answered {status}"));
                 e.set_retry(true);
@@ -348,7 +371,16 @@ impl ProxyHttp for LegateProxy {
             Failure::Reset
         };
         let stale_pooled = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
-        let retry = if ctx.attempts.take_retry(failure, replayable, now) {
+        if !stale_pooled && e.esource() == &ErrorSource::Upstream {
+            if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+                c.record_outcome(h, Outcome::LocalFailure);
+            }
+        }
+        let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
+        let retry = if ctx
+            .attempts
+            .take_retry(failure, replayable, now, breaker.as_ref())
+        {
             true
         } else if stale_pooled && replayable && !ctx.attempts.response_started {
             ctx.attempts.transparent = true;
@@ -386,6 +418,7 @@ impl ProxyHttp for LegateProxy {
     /// Releases the host's active-request count.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.active = None;
+        ctx.request_slot = None;
     }
 }
 
@@ -421,6 +454,16 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
         session.as_downstream_mut().enable_retry_buffering();
     }
     ctx.attempts = Attempts::new(policy, timeout, Instant::now());
+}
+
+/// Envoy's answer when a circuit breaker is full.
+fn overflow_reply() -> LocalReply {
+    let mut reply = LocalReply::new(
+        503,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    );
+    reply.extra_headers.push(("x-envoy-overloaded", "true"));
+    reply
 }
 
 /// A millisecond count from a request header such as `x-envoy-upstream-rq-timeout-ms`;
