@@ -85,7 +85,7 @@ fn payload_bytes(p: &Payload, at: &str, errs: &mut Errors) -> Vec<u8> {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.chunks(2)
