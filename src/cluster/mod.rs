@@ -468,17 +468,34 @@ fn build_priority_set(
     let Some(max_priority) = members.iter().map(|h| h.priority).max() else {
         return PrioritySet::empty();
     };
+    let by_priority: Vec<Vec<&Arc<Host>>> = (0..=max_priority)
+        .map(|p| members.iter().filter(|h| h.priority == p).collect())
+        .collect();
+    let health: Vec<(usize, usize)> = by_priority
+        .iter()
+        .map(|hs| (hs.iter().filter(|h| h.is_healthy()).count(), hs.len()))
+        .collect();
+    // Envoy panics only when the whole cluster's (overprovisioned) availability is below
+    // the threshold; then each priority that is itself below it ignores health.
+    let availability: f64 = health
+        .iter()
+        .map(|&(h, t)| {
+            if t == 0 {
+                0.0
+            } else {
+                (h as f64 * f64::from(overprovisioning_factor) / t as f64).min(100.0)
+            }
+        })
+        .sum::<f64>()
+        .min(100.0);
     let mut priorities = Vec::new();
-    let mut health = Vec::new();
-    for p in 0..=max_priority {
-        let in_priority: Vec<&Arc<Host>> = members.iter().filter(|h| h.priority == p).collect();
-        let total = in_priority.len();
-        let healthy = in_priority.iter().filter(|h| h.is_healthy()).count();
-        // Panic: too few healthy hosts, so health is ignored and all hosts share the load.
-        let panic = total > 0 && (healthy as f64) * 100.0 < panic_threshold * total as f64;
+    for (hosts, &(healthy, total)) in by_priority.iter().zip(&health) {
+        let panic = availability < panic_threshold
+            && total > 0
+            && (healthy as f64) * 100.0 < panic_threshold * total as f64;
         let mut localities: Vec<LocalityHosts> = Vec::new();
         let mut ids: Vec<usize> = Vec::new();
-        for h in in_priority.into_iter().filter(|h| panic || h.is_healthy()) {
+        for h in hosts.iter().filter(|h| panic || h.is_healthy()) {
             let slot = match ids.iter().position(|l| *l == h.locality) {
                 Some(s) => s,
                 None => {
@@ -490,9 +507,8 @@ fn build_priority_set(
                     localities.len() - 1
                 }
             };
-            localities[slot].hosts.push(h.clone());
+            localities[slot].hosts.push((*h).clone());
         }
-        health.push((if panic { total } else { healthy }, total));
         priorities.push(HostSet::new(localities, policy, locality_weighted));
     }
     PrioritySet::new(priorities, &health, overprovisioning_factor)

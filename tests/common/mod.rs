@@ -42,6 +42,8 @@ pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The status `/healthz` answers (200 until changed); health checks are not recorded.
+    health: Arc<std::sync::atomic::AtomicU16>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -57,20 +59,34 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let name_owned = name.to_string();
         let seen2 = seen.clone();
+        let health2 = health.clone();
         rt.spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let seen = seen2.clone();
+                let health = health2.clone();
                 let name = name_owned.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let seen = seen.clone();
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &name, &seen, peer.port()).await) }
+                        let health = health.load(std::sync::atomic::Ordering::Relaxed);
+                        async move {
+                            if req.uri().path() == "/healthz" {
+                                return Ok::<_, Infallible>(
+                                    hyper::Response::builder()
+                                        .status(health)
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap(),
+                                );
+                            }
+                            Ok::<_, Infallible>(answer(req, &name, &seen, peer.port()).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -82,8 +98,15 @@ impl Upstream {
             name: name.to_string(),
             addr,
             seen,
+            health,
             _rt: rt,
         }
+    }
+
+    /// Sets the status the health endpoint `/healthz` answers.
+    pub fn set_health(&self, status: u16) {
+        self.health
+            .store(status, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn port(&self) -> u16 {
