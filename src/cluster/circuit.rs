@@ -16,6 +16,9 @@ pub struct CircuitBreaker {
     max_requests: u64,
     max_retries: u64,
     max_connections: u64,
+    /// `retry_budget`: (percent of active requests, minimum concurrency); replaces
+    /// `max_retries` when set.
+    retry_budget: Option<(f64, u64)>,
     active_requests: AtomicU64,
     active_retries: AtomicU64,
 }
@@ -50,6 +53,7 @@ impl CircuitBreaker {
             max_requests,
             max_retries,
             max_connections,
+            retry_budget: None,
             active_requests: AtomicU64::new(0),
             active_retries: AtomicU64::new(0),
         }
@@ -80,13 +84,7 @@ impl CircuitBreaker {
             // max_pending_requests: legate never queues a request for a connection (each
             // waiting request opens one), so nothing is ever pending; the limit is kept valid.
             let _ = max_pending_requests;
-            reject_set!(
-                errs,
-                &tat,
-                retry_budget,
-                track_remaining,
-                max_connection_pools
-            );
+            reject_set!(errs, &tat, track_remaining, max_connection_pools);
             if *priority != RoutingPriority::Default as i32 {
                 // Routes always use DEFAULT priority (route `priority` is rejected), so
                 // HIGH thresholds could never apply.
@@ -100,6 +98,17 @@ impl CircuitBreaker {
                 v(max_retries, 3),
                 v(max_connections, 1024),
             );
+            if let Some(b) = retry_budget {
+                // budget_interval is not used by Envoy's retry budget either.
+                let percent = b.budget_percent.as_ref().map_or(20.0, |p| p.value);
+                if !(0.0..=100.0).contains(&percent) {
+                    errs.add(
+                        join(&tat, "retry_budget.budget_percent"),
+                        "must be in [0, 100]",
+                    );
+                }
+                out.retry_budget = Some((percent, v(&b.min_retry_concurrency, 3)));
+            }
         }
         out
     }
@@ -113,7 +122,14 @@ impl CircuitBreaker {
 
     /// A slot for a retry, or None when `max_retries` retries are already under way.
     pub fn try_retry(self: &Arc<Self>) -> Option<Slot> {
-        self.try_take(&self.active_retries, self.max_retries, true)
+        let limit = match self.retry_budget {
+            Some((percent, min)) => {
+                let active = self.active_requests.load(Ordering::Relaxed) as f64;
+                ((active * percent / 100.0) as u64).max(min)
+            }
+            None => self.max_retries,
+        };
+        self.try_take(&self.active_retries, limit, true)
     }
 
     fn try_take(self: &Arc<Self>, counter: &AtomicU64, limit: u64, retry: bool) -> Option<Slot> {
@@ -139,6 +155,17 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_budget_scales_with_active_requests() {
+        let mut cb = CircuitBreaker::new(1024, 3, 1024);
+        cb.retry_budget = Some((50.0, 1));
+        let cb = Arc::new(cb);
+        let _reqs: Vec<_> = (0..6).map(|_| cb.try_request().unwrap()).collect();
+        let retries: Vec<_> = (0..3).map(|_| cb.try_retry().unwrap()).collect();
+        assert!(cb.try_retry().is_none(), "50% of 6 active requests");
+        drop(retries);
+    }
 
     #[test]
     fn requests_over_the_limit_are_refused_until_a_slot_frees() {

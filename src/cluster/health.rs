@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    health_check::{payload, HealthChecker, HttpHealthCheck, Payload, TcpHealthCheck},
+    health_check::{self, payload, HealthChecker, HttpHealthCheck, Payload, TcpHealthCheck},
     HealthCheck, RequestMethod,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +31,11 @@ pub enum Probe {
     Tcp {
         send: Vec<u8>,
         receive: Vec<Vec<u8>>,
+    },
+    /// grpc.health.v1 `Check` over HTTP/2 cleartext.
+    Grpc {
+        service_name: String,
+        authority: Option<String>,
     },
 }
 
@@ -198,9 +203,18 @@ impl HealthCheckConfig {
                         .collect(),
                 }
             }
-            Some(HealthChecker::GrpcHealthCheck(_)) => {
-                errs.add(join(at, "grpc_health_check"), "not supported yet");
-                return None;
+            Some(HealthChecker::GrpcHealthCheck(g)) => {
+                let health_check::GrpcHealthCheck {
+                    service_name,
+                    authority,
+                    initial_metadata,
+                } = g;
+                let gat = join(at, "grpc_health_check");
+                reject_set!(errs, &gat, initial_metadata);
+                Probe::Grpc {
+                    service_name: service_name.clone(),
+                    authority: (!authority.is_empty()).then(|| authority.clone()),
+                }
             }
             Some(HealthChecker::CustomHealthCheck(_)) => {
                 errs.add(join(at, "custom_health_check"), "not supported");
@@ -388,79 +402,141 @@ pub async fn check(addr: SocketAddr, cfg: &HealthCheckConfig, cluster_name: &str
 }
 
 async fn probe(addr: SocketAddr, probe: &Probe, cluster_name: &str) -> CheckResult {
+    match probe {
+        Probe::Grpc {
+            service_name,
+            authority,
+        } => {
+            grpc_check(
+                addr,
+                service_name,
+                authority.as_deref().unwrap_or(cluster_name),
+            )
+            .await
+        }
+        Probe::Tcp { send, receive } => tcp_check(addr, send, receive).await,
+        Probe::Http { .. } => http_check(addr, probe, cluster_name).await,
+    }
+}
+
+async fn tcp_check(addr: SocketAddr, send: &[u8], receive: &[Vec<u8>]) -> CheckResult {
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
         return CheckResult::Failure;
     };
-    match probe {
-        Probe::Tcp { send, receive } => {
-            if !send.is_empty() && stream.write_all(send).await.is_err() {
-                return CheckResult::Failure;
-            }
-            let want: Vec<u8> = receive.concat();
-            if want.is_empty() {
-                return CheckResult::Healthy;
-            }
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return CheckResult::Failure,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-                if contains_in_order(&got, receive) {
-                    return CheckResult::Healthy;
-                }
-            }
+    if !send.is_empty() && stream.write_all(send).await.is_err() {
+        return CheckResult::Failure;
+    }
+    let want: Vec<u8> = receive.concat();
+    if want.is_empty() {
+        return CheckResult::Healthy;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return CheckResult::Failure,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
         }
-        Probe::Http {
-            host,
-            path,
-            method,
-            headers,
-            remove_headers,
-            expected,
-            retriable,
-        } => {
-            let host = host.as_deref().unwrap_or(cluster_name);
-            let mut req = format!("{method} {path} HTTP/1.1\r\n");
-            let base = [
-                ("host", host),
-                ("user-agent", "Envoy/HC"),
-                ("connection", "close"),
-            ];
-            for (k, v) in base {
-                if !remove_headers.iter().any(|r| r == k) && !headers.iter().any(|(h, _)| h == k) {
-                    req.push_str(&format!("{k}: {v}\r\n"));
-                }
-            }
-            for (k, v) in headers {
-                req.push_str(&format!("{k}: {v}\r\n"));
-            }
-            req.push_str("\r\n");
-            if stream.write_all(req.as_bytes()).await.is_err() {
-                return CheckResult::Failure;
-            }
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(2).any(|w| w == b"\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return CheckResult::Failure,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&head);
-            let Some(status) = line.split(' ').nth(1).and_then(|s| s.parse::<i64>().ok()) else {
-                return CheckResult::Failure;
-            };
-            let within = |rs: &[(i64, i64)]| rs.iter().any(|(a, b)| status >= *a && status < *b);
-            if within(expected) {
-                CheckResult::Healthy
-            } else if within(retriable) {
-                CheckResult::Failure
-            } else {
-                CheckResult::ImmediateFailure
-            }
+        if contains_in_order(&got, receive) {
+            return CheckResult::Healthy;
         }
+    }
+}
+
+async fn http_check(addr: SocketAddr, probe: &Probe, cluster_name: &str) -> CheckResult {
+    let Probe::Http {
+        host,
+        path,
+        method,
+        headers,
+        remove_headers,
+        expected,
+        retriable,
+    } = probe
+    else {
+        return CheckResult::Failure;
+    };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return CheckResult::Failure;
+    };
+    let host = host.as_deref().unwrap_or(cluster_name);
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    let base = [
+        ("host", host),
+        ("user-agent", "Envoy/HC"),
+        ("connection", "close"),
+    ];
+    for (k, v) in base {
+        if !remove_headers.iter().any(|r| r == k) && !headers.iter().any(|(h, _)| h == k) {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    if stream.write_all(req.as_bytes()).await.is_err() {
+        return CheckResult::Failure;
+    }
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return CheckResult::Failure,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let Some(status) = line.split(' ').nth(1).and_then(|s| s.parse::<i64>().ok()) else {
+        return CheckResult::Failure;
+    };
+    let within = |rs: &[(i64, i64)]| rs.iter().any(|(a, b)| status >= *a && status < *b);
+    if within(expected) {
+        CheckResult::Healthy
+    } else if within(retriable) {
+        CheckResult::Failure
+    } else {
+        CheckResult::ImmediateFailure
+    }
+}
+
+/// grpc.health.v1.HealthCheckRequest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GrpcHealthRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// grpc.health.v1.HealthCheckResponse; status 1 is SERVING.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GrpcHealthResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+async fn grpc_check(addr: SocketAddr, service: &str, authority: &str) -> CheckResult {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return CheckResult::Failure;
+    };
+    let endpoint = match format!("http://{authority}").parse::<http::Uri>() {
+        Ok(origin) => endpoint.origin(origin),
+        Err(_) => endpoint,
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return CheckResult::Failure;
+    };
+    let mut client = tonic::client::Grpc::new(channel);
+    if client.ready().await.is_err() {
+        return CheckResult::Failure;
+    }
+    let request = tonic::Request::new(GrpcHealthRequest {
+        service: service.to_string(),
+    });
+    let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+    let codec = tonic_prost::ProstCodec::<GrpcHealthRequest, GrpcHealthResponse>::default();
+    match client.unary(request, path, codec).await {
+        Ok(resp) if resp.get_ref().status == 1 => CheckResult::Healthy,
+        _ => CheckResult::Failure,
     }
 }
 
@@ -579,20 +655,5 @@ mod tests {
             b"OKxxPONG",
             &[b"PONG".to_vec(), b"OK".to_vec()]
         ));
-    }
-
-    #[test]
-    fn grpc_checks_are_rejected_for_now() {
-        let p: HealthCheck = crate::config::load::parse_message(
-            "timeout: 1s\ninterval: 1s\nunhealthy_threshold: 1\nhealthy_threshold: 1\ngrpc_health_check: {}",
-            "envoy.config.core.v3.HealthCheck",
-        )
-        .unwrap();
-        let mut errs = Errors::default();
-        HealthCheckConfig::convert(&p, "hc", &mut errs);
-        assert_eq!(
-            errs.into_result(()).unwrap_err().0[0].path,
-            "hc.grpc_health_check"
-        );
     }
 }

@@ -51,6 +51,8 @@ pub struct OutlierConfig {
     pub enforcing_failure_percentage: u32,
     pub failure_percentage_minimum_hosts: u32,
     pub failure_percentage_request_volume: u32,
+    /// A passing active health check ends an ejection (Envoy's default).
+    pub uneject_on_health_check: bool,
 }
 
 impl OutlierConfig {
@@ -89,7 +91,6 @@ impl OutlierConfig {
             enforcing_local_origin_success_rate,
             enforcing_failure_percentage_local_origin,
             max_ejection_time_jitter,
-            successful_active_health_check_uneject_host,
             monitors,
             always_eject_one_host,
             detect_degraded_hosts,
@@ -160,6 +161,8 @@ impl OutlierConfig {
             ),
             failure_percentage_minimum_hosts: u(failure_percentage_minimum_hosts, 5),
             failure_percentage_request_volume: u(failure_percentage_request_volume, 50),
+            uneject_on_health_check: successful_active_health_check_uneject_host
+                .is_none_or(|b| b.value),
         };
         if cfg.interval.is_zero() {
             errs.add(join(at, "interval"), "must be greater than 0");
