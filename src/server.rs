@@ -1,18 +1,30 @@
-//! Running the gateway: one Pingora proxy service listening on every listener's address,
-//! and a SIGHUP handler that reloads the configuration file.
+//! Running the gateway: a listener manager that accepts on every configured listener and
+//! hands connections to Pingora's HTTP proxy, a control runtime for health checks and
+//! DNS, and signal handling (SIGHUP reloads; SIGTERM and SIGINT stop).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use tokio::sync::watch;
 
 use crate::config::{load_bootstrap_file, parse_bootstrap, ConfigErrors};
 use crate::proxy::LegateProxy;
 use crate::snapshot::{compile, Snapshot};
+
+/// Reloads rejected since start (a bad file, or a listener that could not bind).
+pub static RELOADS_REJECTED: AtomicU64 = AtomicU64::new(0);
+/// Reloads applied since start.
+pub static RELOADS_APPLIED: AtomicU64 = AtomicU64::new(0);
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -38,42 +50,192 @@ impl ConfigSource {
     }
 }
 
-/// Maps a connection's local address to the listener that owns it.
-#[derive(Debug, Default)]
-pub struct ListenerMap {
-    exact: HashMap<SocketAddr, String>,
-    /// Wildcard binds (0.0.0.0, ::) by port.
-    by_port: HashMap<u16, String>,
+type App = HttpProxy<LegateProxy>;
+
+/// One accepting listener: dropping the stop sender ends the accept loop; the shutdown
+/// sender tells its open connections to finish their current request and close.
+struct Running {
+    address: SocketAddr,
+    stop: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
 }
 
-impl ListenerMap {
-    pub fn new(snapshot: &Snapshot) -> Self {
-        let mut map = ListenerMap::default();
-        for l in &snapshot.listeners {
-            if l.address.ip().is_unspecified() {
-                map.by_port.insert(l.address.port(), l.name.clone());
-            } else {
-                map.exact.insert(l.address, l.name.clone());
+/// Starts and stops listeners so that the set of open sockets follows the config.
+struct ListenerManager {
+    runtime: tokio::runtime::Runtime,
+    app: Arc<App>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl ListenerManager {
+    fn new(threads: usize, shared: Arc<ArcSwap<Snapshot>>) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("legate-worker")
+            .enable_all()
+            .build()?;
+        let conf = Arc::new(ServerConf {
+            // Retries are decided by the route's retry policy, not by a fixed cap.
+            max_retries: 1_000_000,
+            ..ServerConf::default()
+        });
+        let app = Arc::new(pingora::proxy::http_proxy(&conf, LegateProxy::new(shared)));
+        Ok(ListenerManager {
+            runtime,
+            app,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Binds new listeners and stops removed ones. Binding happens before anything is
+    /// stopped, so a listener that cannot bind rejects the change as a whole.
+    fn apply(&self, snapshot: &Snapshot) -> Result<(), String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: HashMap<&str, SocketAddr> = snapshot
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.address))
+            .collect();
+        let mut bound = Vec::new();
+        for (name, addr) in &wanted {
+            let keep = running.get(*name).is_some_and(|r| r.address == *addr);
+            if !keep {
+                let moved_from_same_addr = running.values().any(|r| r.address == *addr);
+                if moved_from_same_addr {
+                    // Renamed on the same address: keep the socket under its new name.
+                    continue;
+                }
+                let listener = self
+                    .runtime
+                    .block_on(async { bind(*addr) })
+                    .map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?;
+                bound.push((name.to_string(), *addr, listener));
             }
         }
-        map
-    }
-
-    pub fn listener_for(&self, local: Option<SocketAddr>) -> Option<&str> {
-        let local = local?;
-        self.exact
-            .get(&local)
-            .or_else(|| self.by_port.get(&local.port()))
-            .map(String::as_str)
+        // Rename entries whose address stayed but name changed.
+        let renames: Vec<(String, String)> = running
+            .iter()
+            .filter(|(n, r)| {
+                !wanted.contains_key(n.as_str()) && wanted.values().any(|a| *a == r.address)
+            })
+            .map(|(n, r)| {
+                let new = wanted
+                    .iter()
+                    .find(|(_, a)| **a == r.address)
+                    .map(|(n, _)| n.to_string());
+                (n.clone(), new.unwrap_or_default())
+            })
+            .collect();
+        for (old, new) in renames {
+            if let Some(r) = running.remove(&old) {
+                running.insert(new, r);
+            }
+        }
+        let removed: Vec<String> = running
+            .iter()
+            .filter(|(n, r)| wanted.get(n.as_str()) != Some(&r.address))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in removed {
+            if let Some(r) = running.remove(&name) {
+                let _ = r.stop.send(true);
+                // Open connections finish the request in flight, then close.
+                let _ = r.shutdown.send(true);
+                log::info!(
+                    "listener '{name}' on {} stopped; its connections drain",
+                    r.address
+                );
+            }
+        }
+        for (name, addr, listener) in bound {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let (shutdown_tx, shutdown_rx) = watch::channel(false);
+            self.runtime.spawn(accept_loop(
+                listener,
+                self.app.clone(),
+                stop_rx,
+                shutdown_rx,
+            ));
+            println!("legate: listener '{name}' on http://{addr}");
+            running.insert(
+                name,
+                Running {
+                    address: addr,
+                    stop: stop_tx,
+                    shutdown: shutdown_tx,
+                },
+            );
+        }
+        Ok(())
     }
 }
 
-/// Runs the gateway until the process is told to stop. Never returns.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let app = app.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { serve_connection(tcp, peer, app, shutdown).await });
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Serves one downstream connection through Pingora's proxy, request after request.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+) {
+    use std::os::unix::io::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let mut stream: L4Stream = tcp.into();
+    let digest = SocketDigest::from_raw_fd(fd);
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    let mut next = app.process_new(Box::new(stream), &shutdown).await;
+    while let Some(s) = next {
+        if *shutdown.borrow() {
+            return;
+        }
+        next = app.process_new(s, &shutdown).await;
+    }
+}
+
+/// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
 pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
-    // Pingora has no SIGHUP handler and the default action ends the process; register ours
-    // before anything else can receive the signal.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
-        .map_err(|e| ConfigErrors::one("", format!("cannot install the SIGHUP handler: {e}")))?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // The default action of SIGHUP ends the process; take it over before anything else.
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .map_err(|e| ConfigErrors::one("", format!("cannot install signal handlers: {e}")))?;
 
     let snapshot = source.load()?;
     let control = control_runtime()
@@ -82,48 +244,24 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         c.start_background(&control);
     }
     wait_for_initial_health_checks(&snapshot);
-    let listeners = Arc::new(ListenerMap::new(&snapshot));
-    let addresses: Vec<(String, SocketAddr)> = snapshot
-        .listeners
-        .iter()
-        .map(|l| (l.name.clone(), l.address))
-        .collect();
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-
-    {
-        let shared = shared.clone();
-        let source = source.clone();
-        let control = control.clone();
-        std::thread::Builder::new()
-            .name("sighup".into())
-            .spawn(move || {
-                for _ in signals.forever() {
-                    reload(&source, &shared, &control);
-                }
-            })
-            .map_err(|e| ConfigErrors::one("", format!("cannot start the reload thread: {e}")))?;
-    }
-
-    let conf = ServerConf {
-        threads: threads.max(1),
-        pid_file: format!("/tmp/legate-{}.pid", std::process::id()),
-        upgrade_sock: format!("/tmp/legate-{}-upgrade.sock", std::process::id()),
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(5),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    let proxy = LegateProxy::new(listeners, shared);
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "legate");
-    for (name, addr) in &addresses {
-        service.add_tcp(&addr.to_string());
-        println!("legate: listener '{name}' on http://{addr}");
-    }
+    let manager = ListenerManager::new(threads, shared.clone())
+        .map_err(|e| ConfigErrors::one("", format!("cannot start workers: {e}")))?;
+    manager
+        .apply(&shared.load())
+        .map_err(|e| ConfigErrors::one("", e))?;
     println!("legate: config from {}", source.describe());
-    server.add_service(service);
-    server.run_forever();
+
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => reload(&source, &shared, &control, &manager),
+            _ => {
+                log::info!("signal {sig}: stopping");
+                std::process::exit(0);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A small runtime, separate from the proxy's workers, for health checks, outlier
@@ -153,7 +291,7 @@ fn wait_for_initial_health_checks(snapshot: &Snapshot) {
                 .map(|h| h.timeout + h.initial_jitter)
         })
         .max()
-        .map(|d| std::time::Instant::now() + d + std::time::Duration::from_millis(500));
+        .map(|d| std::time::Instant::now() + d + Duration::from_millis(500));
     let Some(deadline) = deadline else { return };
     let done = || {
         snapshot
@@ -163,45 +301,46 @@ fn wait_for_initial_health_checks(snapshot: &Snapshot) {
             .all(|c| {
                 c.members()
                     .iter()
-                    .all(|h| h.hc_checked.load(std::sync::atomic::Ordering::Relaxed))
+                    .all(|h| h.hc_checked.load(Ordering::Relaxed))
             })
     };
     while !done() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-fn reload(source: &ConfigSource, shared: &ArcSwap<Snapshot>, control: &tokio::runtime::Handle) {
-    match source.load() {
-        Ok(new) => {
-            let old = shared.load();
-            let same_listeners = old.listeners.len() == new.listeners.len()
-                && old
-                    .listeners
-                    .iter()
-                    .zip(&new.listeners)
-                    .all(|(a, b)| a.name == b.name && a.address == b.address);
-            if !same_listeners {
-                log::warn!(
-                    "reload of {}: listeners were added, removed or moved; that needs a restart for now, routes and clusters are applied",
-                    source.describe()
-                );
-            }
-            for (name, c) in &new.clusters {
-                if let Some(prev) = old.clusters.get(name) {
-                    c.adopt_state(prev);
-                }
-                c.start_background(control);
-            }
-            shared.store(Arc::new(new));
-            log::info!("reloaded {}", source.describe());
+fn reload(
+    source: &ConfigSource,
+    shared: &ArcSwap<Snapshot>,
+    control: &tokio::runtime::Handle,
+    manager: &ListenerManager,
+) {
+    let reject = |reason: String| {
+        let n = RELOADS_REJECTED.fetch_add(1, Ordering::Relaxed) + 1;
+        log::error!(
+            "reload of {} rejected ({n} so far), keeping the last good config: {reason}",
+            source.describe()
+        );
+    };
+    let new = match source.load() {
+        Ok(new) => new,
+        Err(e) => return reject(e.to_string().replace('\n', "; ")),
+    };
+    let old = shared.load_full();
+    for (name, c) in &new.clusters {
+        if let Some(prev) = old.clusters.get(name) {
+            c.adopt_state(prev);
         }
-        Err(e) => {
-            log::error!(
-                "reload of {} rejected, keeping the last good config: {}",
-                source.describe(),
-                e.to_string().replace('\n', "; ")
-            );
-        }
+        c.start_background(control);
     }
+    // Swap first, so a new listener's first request already sees its routes; a listener
+    // that cannot bind then rolls the swap back.
+    let new = Arc::new(new);
+    shared.store(new.clone());
+    if let Err(e) = manager.apply(&new) {
+        shared.store(old);
+        return reject(e);
+    }
+    RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
+    log::info!("reloaded {}", source.describe());
 }

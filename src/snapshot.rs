@@ -28,6 +28,19 @@ impl Snapshot {
             .and_then(|i| self.listeners.get(*i))
     }
 
+    /// The listener that owns a connection's local address: an exact bind, or a wildcard
+    /// bind (0.0.0.0, ::) on the same port.
+    pub fn listener_at(&self, local: SocketAddr) -> Option<&Arc<Listener>> {
+        self.listeners
+            .iter()
+            .find(|l| l.address == local)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .find(|l| l.address.ip().is_unspecified() && l.address.port() == local.port())
+            })
+    }
+
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }

@@ -28,7 +28,6 @@ use crate::listener::{HttpConnectionManager, Listener};
 use crate::retry::{effective_policy, Failure};
 use crate::route::headers::FormatContext;
 use crate::route::{Action, ClusterChoice, Matched, RequestView};
-use crate::server::ListenerMap;
 use crate::snapshot::Snapshot;
 use attempt::Attempts;
 pub use downstream::node_address;
@@ -44,16 +43,12 @@ const NO_HOST: ErrorType = ErrorType::Custom("no healthy upstream");
 /// The proxy behind every listener; a connection's local address tells which listener's
 /// HCM applies.
 pub struct LegateProxy {
-    listeners: Arc<ListenerMap>,
     snapshot: Arc<ArcSwap<Snapshot>>,
 }
 
 impl LegateProxy {
-    pub fn new(listeners: Arc<ListenerMap>, snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
-        LegateProxy {
-            listeners,
-            snapshot,
-        }
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+        LegateProxy { snapshot }
     }
 }
 
@@ -117,8 +112,7 @@ impl ProxyHttp for LegateProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
-        let name = self.listeners.listener_for(local);
-        let Some(listener) = name.and_then(|n| snapshot.listener(n)).cloned() else {
+        let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
             send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;
             return Ok(true);
         };

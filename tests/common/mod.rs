@@ -645,3 +645,60 @@ pub fn one_route_bootstrap(
         &[cluster_yaml("c", ports, cluster_extra)],
     )
 }
+
+/// A client that keeps one HTTP/1.1 connection open across requests.
+pub struct KeepAlive {
+    stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nodelay(true)?;
+        let reader = std::io::BufReader::new(stream.try_clone()?);
+        Ok(KeepAlive { stream, reader })
+    }
+
+    /// Sends a GET and reads one response (content-length framed); Err if the
+    /// connection broke.
+    pub fn get(&mut self, path: &str, host: &str) -> std::io::Result<Response> {
+        use std::io::BufRead;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        self.stream.write_all(req.as_bytes())?;
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                if k == "content-length" {
+                    len = v.parse().unwrap_or(0);
+                }
+                headers.push((k, v));
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
