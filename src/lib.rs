@@ -13,6 +13,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod xds;
 
 /// This machine's hostname, for `%HOSTNAME%`.
 pub fn hostname() -> String {

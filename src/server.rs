@@ -19,7 +19,9 @@ use tokio::sync::watch;
 
 use crate::config::{load_bootstrap_file, parse_bootstrap, ConfigErrors};
 use crate::proxy::LegateProxy;
-use crate::snapshot::{compile, Snapshot};
+use crate::snapshot::{compile, compile_with, Snapshot};
+use crate::xds::Dynamic;
+use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
 /// Reloads rejected since start (a bad file, or a listener that could not bind).
 pub static RELOADS_REJECTED: AtomicU64 = AtomicU64::new(0);
@@ -35,11 +37,14 @@ pub enum ConfigSource {
 
 impl ConfigSource {
     pub fn load(&self) -> Result<Snapshot, ConfigErrors> {
-        let bootstrap = match self {
-            ConfigSource::File(p) => load_bootstrap_file(p)?,
-            ConfigSource::BuiltIn(text) => parse_bootstrap(text)?,
-        };
-        compile(bootstrap)
+        compile(self.bootstrap()?)
+    }
+
+    pub fn bootstrap(&self) -> Result<Bootstrap, ConfigErrors> {
+        match self {
+            ConfigSource::File(p) => load_bootstrap_file(p),
+            ConfigSource::BuiltIn(text) => parse_bootstrap(text),
+        }
     }
 
     fn describe(&self) -> String {
@@ -105,10 +110,12 @@ impl ListenerManager {
                     // Renamed on the same address: keep the socket under its new name.
                     continue;
                 }
-                let listener = self
-                    .runtime
-                    .block_on(async { bind(*addr) })
-                    .map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?;
+                let listener = {
+                    // Registering the socket needs this runtime's context (not a block_on, so
+                    // it also works from another runtime's thread).
+                    let _enter = self.runtime.enter();
+                    bind(*addr).map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?
+                };
                 bound.push((name.to_string(), *addr, listener));
             }
         }
@@ -230,6 +237,83 @@ async fn serve_connection(
     }
 }
 
+/// The running gateway: what serves now, and how a new configuration is put in place.
+struct Gateway {
+    source: ConfigSource,
+    shared: Arc<ArcSwap<Snapshot>>,
+    control: tokio::runtime::Handle,
+    manager: ListenerManager,
+}
+
+impl Gateway {
+    /// Puts a compiled snapshot in place: cluster state carried over, background tasks
+    /// started, listeners added or removed. A listener that cannot bind rolls it back.
+    fn publish(&self, new: Snapshot) -> Result<(), String> {
+        let old = self.shared.load_full();
+        for (name, c) in &new.clusters {
+            if let Some(prev) = old.clusters.get(name) {
+                c.adopt_state(prev);
+            }
+            c.start_background(&self.control);
+        }
+        let new = Arc::new(new);
+        // Swap first, so a new listener's first request already sees its routes.
+        self.shared.store(new.clone());
+        if let Err(e) = self.manager.apply(&new) {
+            self.shared.store(old);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: the file again, with the resources xDS delivered so far.
+    fn reload(&self) {
+        let reject = |reason: String| {
+            let n = RELOADS_REJECTED.fetch_add(1, Ordering::Relaxed) + 1;
+            log::error!(
+                "reload of {} rejected ({n} so far), keeping the last good config: {reason}",
+                self.source.describe()
+            );
+        };
+        let bootstrap = match self.source.bootstrap() {
+            Ok(b) => b,
+            Err(e) => return reject(e.to_string().replace('\n', "; ")),
+        };
+        let old = self.shared.load_full();
+        let new = match compile_with(bootstrap, old.dynamic.clone()) {
+            Ok(n) => n,
+            Err(e) => return reject(e.to_string().replace('\n', "; ")),
+        };
+        if new.xds != old.xds {
+            log::warn!("dynamic_resources changed; the xDS client keeps its stream until restart");
+        }
+        match self.publish(new) {
+            Ok(()) => {
+                RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
+                log::info!("reloaded {}", self.source.describe());
+            }
+            Err(e) => reject(e),
+        }
+    }
+
+    /// xDS: a candidate set of dynamic resources, compiled with the current bootstrap.
+    fn apply_dynamic(&self, dynamic: Dynamic) -> Result<Vec<String>, String> {
+        let current = self.shared.load_full();
+        let new = compile_with(current.bootstrap.clone(), Arc::new(dynamic))
+            .map_err(|e| e.to_string().replace('\n', "; "))?;
+        let names = eds_names(&new);
+        self.publish(new)?;
+        Ok(names)
+    }
+}
+
+fn eds_names(s: &Snapshot) -> Vec<String> {
+    s.clusters
+        .values()
+        .filter_map(|c| c.eds_service.clone())
+        .collect()
+}
+
 /// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
 pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -251,10 +335,17 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         .apply(&shared.load())
         .map_err(|e| ConfigErrors::one("", e))?;
     println!("legate: config from {}", source.describe());
+    let gateway = Arc::new(Gateway {
+        source,
+        shared: shared.clone(),
+        control: control.clone(),
+        manager,
+    });
+    start_xds(&gateway);
 
     for sig in signals.forever() {
         match sig {
-            SIGHUP => reload(&source, &shared, &control, &manager),
+            SIGHUP => gateway.reload(),
             _ => {
                 log::info!("signal {sig}: stopping");
                 std::process::exit(0);
@@ -262,6 +353,41 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         }
     }
     Ok(())
+}
+
+/// Starts the ADS client when the bootstrap has `dynamic_resources`. The static part of
+/// the config serves at once; dynamic clusters join as they arrive.
+fn start_xds(gateway: &Arc<Gateway>) {
+    let snapshot = gateway.shared.load_full();
+    let Some(config) = snapshot.xds.clone() else {
+        return;
+    };
+    let node = snapshot.bootstrap.node.clone();
+    let shared = gateway.shared.clone();
+    let ads_cluster = config.ads_cluster.clone();
+    let target: crate::xds::client::Target = Arc::new(move || {
+        let s = shared.load();
+        s.cluster(&ads_cluster)
+            .and_then(|c| c.pick(None))
+            .map(|h| h.address)
+    });
+    // The client runs on the control runtime and publishes from there; it holds the
+    // gateway weakly so that nothing keeps it alive but the main loop.
+    let weak = Arc::downgrade(gateway);
+    let apply: crate::xds::client::Apply = Arc::new(move |dynamic| match weak.upgrade() {
+        Some(g) => g.apply_dynamic(dynamic),
+        None => Err("shutting down".to_string()),
+    });
+    println!("legate: xDS over ADS via cluster '{}'", config.ads_cluster);
+    crate::xds::client::spawn(
+        &gateway.control,
+        config,
+        node,
+        target,
+        apply,
+        (*snapshot.dynamic).clone(),
+        eds_names(&snapshot),
+    );
 }
 
 /// A small runtime, separate from the proxy's workers, for health checks, outlier
@@ -307,40 +433,4 @@ fn wait_for_initial_health_checks(snapshot: &Snapshot) {
     while !done() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn reload(
-    source: &ConfigSource,
-    shared: &ArcSwap<Snapshot>,
-    control: &tokio::runtime::Handle,
-    manager: &ListenerManager,
-) {
-    let reject = |reason: String| {
-        let n = RELOADS_REJECTED.fetch_add(1, Ordering::Relaxed) + 1;
-        log::error!(
-            "reload of {} rejected ({n} so far), keeping the last good config: {reason}",
-            source.describe()
-        );
-    };
-    let new = match source.load() {
-        Ok(new) => new,
-        Err(e) => return reject(e.to_string().replace('\n', "; ")),
-    };
-    let old = shared.load_full();
-    for (name, c) in &new.clusters {
-        if let Some(prev) = old.clusters.get(name) {
-            c.adopt_state(prev);
-        }
-        c.start_background(control);
-    }
-    // Swap first, so a new listener's first request already sees its routes; a listener
-    // that cannot bind then rolls the swap back.
-    let new = Arc::new(new);
-    shared.store(new.clone());
-    if let Err(e) = manager.apply(&new) {
-        shared.store(old);
-        return reject(e);
-    }
-    RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
-    log::info!("reloaded {}", source.describe());
 }

@@ -11,6 +11,7 @@ use crate::cluster::{socket_address, Cluster};
 use crate::config::error::{index, join, ConfigErrors, Errors};
 use crate::listener::Listener;
 use crate::reject_set;
+use crate::xds::{Dynamic, XdsConfig};
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -19,6 +20,10 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     pub admin_address: Option<SocketAddr>,
     pub bootstrap: Bootstrap,
+    /// The management server, when the bootstrap has `dynamic_resources`.
+    pub xds: Option<XdsConfig>,
+    /// Resources delivered over xDS and accepted.
+    pub dynamic: Arc<Dynamic>,
 }
 
 impl Snapshot {
@@ -48,6 +53,11 @@ impl Snapshot {
 
 /// Validates a bootstrap and builds the runtime tables, reporting every error found.
 pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
+    compile_with(bootstrap, Arc::new(Dynamic::default()))
+}
+
+/// Compiles the bootstrap together with the resources a management server delivered.
+pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snapshot, ConfigErrors> {
     let mut errs = Errors::default();
     let Bootstrap {
         node: _,
@@ -97,7 +107,6 @@ pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
         errs,
         "",
         node_context_params,
-        dynamic_resources,
         cluster_manager,
         hds_config,
         flags_path,
@@ -135,6 +144,10 @@ pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
         default_config_source,
         default_regex_engine,
     );
+    let xds = dynamic_resources
+        .as_ref()
+        .and_then(|d| XdsConfig::convert(d, "dynamic_resources", &mut errs));
+    let eds = |name: &str| dynamic.endpoints.get(name).cloned();
     let admin_address = admin
         .as_ref()
         .and_then(|a| convert_admin(a, "admin", &mut errs));
@@ -150,7 +163,7 @@ pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
         reject_set!(errs, "static_resources", secrets);
         for (i, c) in cluster_protos.iter().enumerate() {
             let at = index("static_resources.clusters", i);
-            if let Some(cluster) = Cluster::convert(c, &at, &mut errs) {
+            if let Some(cluster) = Cluster::convert_with_eds(c, &at, &eds, &mut errs) {
                 let name = cluster.name.clone();
                 if clusters.insert(name.clone(), Arc::new(cluster)).is_some() {
                     errs.add(
@@ -193,12 +206,45 @@ pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
             listeners.push(Arc::new(listener));
         }
     }
+    for (name, c) in &dynamic.clusters {
+        let at = format!("cds[{name}]");
+        if clusters.contains_key(name) {
+            errs.add(
+                join(&at, "name"),
+                format!("'{name}' is already a static cluster"),
+            );
+            continue;
+        }
+        if let Some(cluster) = Cluster::convert_with_eds(c, &at, &eds, &mut errs) {
+            clusters.insert(name.clone(), Arc::new(cluster));
+        }
+    }
+    if let Some(x) = &xds {
+        match clusters.get(&x.ads_cluster) {
+            Some(_) if !dynamic.clusters.contains_key(&x.ads_cluster) => {}
+            _ => errs.add(
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                format!("'{}' must be a static cluster", x.ads_cluster),
+            ),
+        }
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        let at = format!("listeners[{}]", l.name);
+        let _ = i;
+        l.hcm.routes.check_http2_clusters(
+            &join(&at, "route_config"),
+            &|n| clusters.get(n).is_some_and(|c| c.http2),
+            &mut errs,
+        );
+    }
     errs.into_result(())?;
     Ok(Snapshot {
         listeners,
         listener_index,
         clusters,
         admin_address,
+        xds,
+        dynamic,
         bootstrap,
     })
 }

@@ -215,6 +215,7 @@ pub(super) fn convert_upstream_http_options(
 pub(super) fn convert_http_protocol_options(
     o: &HttpProtocolOptions,
     at: &str,
+    http2: &mut bool,
     errs: &mut Errors,
 ) -> Option<Duration> {
     let HttpProtocolOptions {
@@ -250,11 +251,16 @@ pub(super) fn convert_http_protocol_options(
                     );
                 }
             }
-            Some(ProtocolConfig::Http2ProtocolOptions(_)) => {
-                errs.add(
-                    join(at, "explicit_http_config.http2_protocol_options"),
-                    "upstream HTTP/2 is not supported yet",
-                );
+            Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                // HTTP/2 serves the gRPC control plane (ADS, gRPC health checks); routes
+                // that proxy to such a cluster are rejected when the snapshot compiles.
+                if *h2 != Default::default() {
+                    errs.add(
+                        join(at, "explicit_http_config.http2_protocol_options"),
+                        "HTTP/2 options are not supported (leave it empty)",
+                    );
+                }
+                *http2 = true;
             }
             Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
                 errs.add(
@@ -366,7 +372,9 @@ pub(super) fn convert_load_assignment(
             let Some((host, port)) = socket_address(address, &join(&eat, "address"), errs) else {
                 continue;
             };
-            if discovery == Discovery::Static && host.parse::<IpAddr>().is_err() {
+            if matches!(discovery, Discovery::Static | Discovery::Eds)
+                && host.parse::<IpAddr>().is_err()
+            {
                 errs.add(
                     join(&eat, "address.socket_address.address"),
                     format!("'{host}' is not an IP address (STATIC clusters need IP addresses; use STRICT_DNS)"),

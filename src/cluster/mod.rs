@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::{
-    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily},
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig},
     Cluster as ClusterProto,
 };
+use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 
 use crate::config::duration;
@@ -59,6 +61,7 @@ pub(crate) struct EndpointSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Discovery {
     Static,
+    Eds,
     StrictDns,
     LogicalDns,
 }
@@ -75,6 +78,10 @@ pub struct Cluster {
     lookup_family: DnsLookupFamily,
     dns_refresh: Duration,
     endpoints: Vec<EndpointSpec>,
+    /// The EDS resource name of an EDS cluster.
+    pub eds_service: Option<String>,
+    /// Configured for HTTP/2 upstream (usable for gRPC control traffic, not for routes).
+    pub http2: bool,
     pub circuit: Arc<CircuitBreaker>,
     pub health_check: Option<HealthCheckConfig>,
     pub outlier: Option<OutlierConfig>,
@@ -96,6 +103,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn convert(c: &ClusterProto, at: &str, errs: &mut Errors) -> Option<Self> {
+        Cluster::convert_with_eds(c, at, &|_| None, errs)
+    }
+
+    /// Like `convert`; an EDS cluster takes its endpoints from `eds` (by service name).
+    pub fn convert_with_eds(
+        c: &ClusterProto,
+        at: &str,
+        eds: &dyn Fn(&str) -> Option<ClusterLoadAssignment>,
+        errs: &mut Errors,
+    ) -> Option<Self> {
         let ClusterProto {
             transport_socket_matches,
             transport_socket_matcher,
@@ -157,7 +174,6 @@ impl Cluster {
             transport_socket_matcher,
             alt_stat_name,
             stats_matcher,
-            eds_cluster_config,
             per_connection_buffer_limit_bytes,
             per_connection_buffer_high_watermark_timeout,
             max_requests_per_connection,
@@ -202,10 +218,7 @@ impl Cluster {
                 Ok(DiscoveryType::Static) => Discovery::Static,
                 Ok(DiscoveryType::StrictDns) => Discovery::StrictDns,
                 Ok(DiscoveryType::LogicalDns) => Discovery::LogicalDns,
-                Ok(DiscoveryType::Eds) => {
-                    errs.add(join(at, "type"), "EDS is not supported yet");
-                    return None;
-                }
+                Ok(DiscoveryType::Eds) => Discovery::Eds,
                 Ok(DiscoveryType::OriginalDst) => {
                     errs.add(join(at, "type"), "ORIGINAL_DST is not supported");
                     return None;
@@ -247,6 +260,7 @@ impl Cluster {
         let circuit =
             CircuitBreaker::convert(circuit_breakers, &join(at, "circuit_breakers"), errs);
         let mut idle_timeout = DEFAULT_UPSTREAM_IDLE_TIMEOUT;
+        let mut http2 = false;
         if let Some(opts) = common_http_protocol_options {
             let at = join(at, "common_http_protocol_options");
             if let Some(t) = convert_upstream_http_options(opts, &at, errs) {
@@ -261,17 +275,60 @@ impl Cluster {
             }
             match unpack_any::<HttpProtocolOptions>(any, HTTP_PROTOCOL_OPTIONS, &at) {
                 Ok(o) => {
-                    if let Some(t) = convert_http_protocol_options(&o, &at, errs) {
+                    if let Some(t) = convert_http_protocol_options(&o, &at, &mut http2, errs) {
                         idle_timeout = t;
                     }
                 }
                 Err(e) => errs.extend(e),
             }
         }
-        let endpoints = match load_assignment {
-            Some(la) => convert_load_assignment(la, &join(at, "load_assignment"), discovery, errs),
-            None => Vec::new(),
+        let eds_service = match (discovery, eds_cluster_config) {
+            (Discovery::Eds, Some(e)) => {
+                let eat = join(at, "eds_cluster_config");
+                let EdsClusterConfig {
+                    eds_config,
+                    service_name,
+                } = e;
+                match eds_config
+                    .as_ref()
+                    .and_then(|c| c.config_source_specifier.as_ref())
+                {
+                    Some(ConfigSourceSpecifier::Ads(_)) => {}
+                    _ => errs.add(join(&eat, "eds_config"), "only ads: {} is supported"),
+                }
+                Some(if service_name.is_empty() {
+                    name.clone()
+                } else {
+                    service_name.clone()
+                })
+            }
+            (Discovery::Eds, None) => {
+                errs.add(join(at, "eds_cluster_config"), "required for EDS clusters");
+                None
+            }
+            (_, Some(_)) => {
+                errs.add(join(at, "eds_cluster_config"), "only for EDS clusters");
+                None
+            }
+            (_, None) => None,
         };
+        if discovery == Discovery::Eds && load_assignment.is_some() {
+            errs.add(
+                join(at, "load_assignment"),
+                "EDS clusters get their endpoints over EDS",
+            );
+        }
+        let delivered = eds_service.as_deref().and_then(eds);
+        let endpoints = match (load_assignment, &delivered) {
+            (Some(la), _) => {
+                convert_load_assignment(la, &join(at, "load_assignment"), discovery, errs)
+            }
+            (None, Some(la)) => {
+                convert_load_assignment(la, &format!("eds[{}]", la.cluster_name), discovery, errs)
+            }
+            (None, None) => Vec::new(),
+        };
+        let load_assignment = load_assignment.as_ref().or(delivered.as_ref());
         let overprovisioning_factor = load_assignment
             .as_ref()
             .and_then(|la| la.policy.as_ref())
@@ -300,6 +357,8 @@ impl Cluster {
                 .filter(|d| !d.is_zero())
                 .unwrap_or(DEFAULT_DNS_REFRESH),
             endpoints,
+            eds_service,
+            http2,
             circuit: Arc::new(circuit),
             health_check,
             outlier,
@@ -341,7 +400,7 @@ impl Cluster {
     }
 
     pub fn uses_dns(&self) -> bool {
-        self.discovery != Discovery::Static
+        matches!(self.discovery, Discovery::StrictDns | Discovery::LogicalDns)
     }
 
     /// Resolves (for DNS clusters) the endpoints and rebuilds the host sets. A host that
@@ -351,7 +410,7 @@ impl Cluster {
         let mut resolved: Vec<(EndpointSpec, SocketAddr)> = Vec::new();
         for e in &self.endpoints {
             match self.discovery {
-                Discovery::Static => {
+                Discovery::Static | Discovery::Eds => {
                     if let Ok(ip) = e.host.parse::<IpAddr>() {
                         resolved.push((e.clone(), SocketAddr::new(ip, e.port)));
                     }

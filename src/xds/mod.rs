@@ -1,0 +1,183 @@
+//! Dynamic configuration over xDS: the bootstrap's `dynamic_resources`, the resources a
+//! management server delivered, and the ADS client that keeps them current.
+
+pub mod client;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
+use envoy_types::pb::envoy::config::core::v3::{
+    api_config_source::ApiType, config_source::ConfigSourceSpecifier,
+    grpc_service::TargetSpecifier, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+use crate::config::duration;
+use crate::config::error::{index, join, Errors};
+use crate::reject_set;
+
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// How to reach the management server, from `dynamic_resources`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XdsConfig {
+    /// The static cluster that `ads_config.grpc_services[0].envoy_grpc` names.
+    pub ads_cluster: String,
+    /// `:authority` for the ADS stream (default: the cluster name).
+    pub authority: String,
+    /// Clusters come over ADS (`cds_config: {ads: {}}`).
+    pub cds: bool,
+    /// How long to wait for the first CDS answer before serving anyway (Envoy: 15s).
+    pub initial_fetch_timeout: Option<Duration>,
+}
+
+/// What the management server has delivered and legate accepted.
+#[derive(Debug, Clone, Default)]
+pub struct Dynamic {
+    pub clusters: BTreeMap<String, ClusterProto>,
+    pub endpoints: HashMap<String, ClusterLoadAssignment>,
+}
+
+fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Duration> {
+    let ConfigSource {
+        authorities,
+        initial_fetch_timeout,
+        resource_api_version,
+        config_source_specifier,
+    } = c;
+    reject_set!(errs, at, authorities);
+    if *resource_api_version != ApiVersion::V3 as i32 {
+        errs.add(join(at, "resource_api_version"), "only V3 is supported");
+    }
+    match config_source_specifier {
+        Some(ConfigSourceSpecifier::Ads(_)) => {}
+        _ => errs.add(at, "only ads: {} is supported"),
+    }
+    duration::check(
+        initial_fetch_timeout,
+        &join(at, "initial_fetch_timeout"),
+        errs,
+    );
+    match initial_fetch_timeout {
+        None => Some(Duration::from_secs(15)),
+        Some(d) => Some(duration::to_std(d)).filter(|d| !d.is_zero()),
+    }
+}
+
+impl XdsConfig {
+    pub fn convert(d: &DynamicResources, at: &str, errs: &mut Errors) -> Option<Self> {
+        let DynamicResources {
+            lds_config,
+            lds_resources_locator,
+            cds_config,
+            cds_resources_locator,
+            ads_config,
+        } = d;
+        reject_set!(errs, at, lds_resources_locator, cds_resources_locator);
+        if lds_config.is_some() {
+            errs.add(
+                join(at, "lds_config"),
+                "not supported yet (listeners come from the bootstrap)",
+            );
+        }
+        let Some(ads) = ads_config else {
+            errs.add(
+                join(at, "ads_config"),
+                "required (legate speaks xDS over ADS)",
+            );
+            return None;
+        };
+        let aat = join(at, "ads_config");
+        let ApiConfigSource {
+            api_type,
+            transport_api_version,
+            cluster_names,
+            grpc_services,
+            refresh_delay,
+            request_timeout,
+            rate_limit_settings,
+            set_node_on_first_message_only: _,
+            config_validators,
+        } = ads;
+        reject_set!(
+            errs,
+            &aat,
+            cluster_names,
+            refresh_delay,
+            request_timeout,
+            rate_limit_settings,
+            config_validators,
+        );
+        match ApiType::try_from(*api_type) {
+            Ok(ApiType::Grpc) => {}
+            Ok(ApiType::DeltaGrpc) => {
+                errs.add(join(&aat, "api_type"), "DELTA_GRPC is not supported yet")
+            }
+            _ => errs.add(join(&aat, "api_type"), "only GRPC is supported"),
+        }
+        if *transport_api_version != ApiVersion::V3 as i32 {
+            errs.add(join(&aat, "transport_api_version"), "only V3 is supported");
+        }
+        let [GrpcService {
+            timeout,
+            initial_metadata,
+            retry_policy,
+            target_specifier,
+        }] = grpc_services.as_slice()
+        else {
+            errs.add(
+                join(&aat, "grpc_services"),
+                "exactly one grpc service is required",
+            );
+            return None;
+        };
+        let gat = index(&join(&aat, "grpc_services"), 0);
+        reject_set!(errs, &gat, timeout, initial_metadata, retry_policy);
+        let (ads_cluster, authority) = match target_specifier {
+            Some(TargetSpecifier::EnvoyGrpc(e)) => {
+                let eat = join(&gat, "envoy_grpc");
+                let envoy_types::pb::envoy::config::core::v3::grpc_service::EnvoyGrpc {
+                    cluster_name,
+                    authority,
+                    retry_policy,
+                    max_receive_message_length,
+                    skip_envoy_headers: _,
+                } = e;
+                reject_set!(errs, &eat, retry_policy, max_receive_message_length);
+                let auth = if authority.is_empty() {
+                    cluster_name.clone()
+                } else {
+                    authority.clone()
+                };
+                (cluster_name.clone(), auth)
+            }
+            Some(TargetSpecifier::GoogleGrpc(_)) => {
+                errs.add(join(&gat, "google_grpc"), "not supported (use envoy_grpc)");
+                return None;
+            }
+            None => {
+                errs.add(join(&gat, "envoy_grpc"), "required");
+                return None;
+            }
+        };
+        let mut initial_fetch_timeout = Some(Duration::from_secs(15));
+        let cds = match cds_config {
+            Some(c) => {
+                initial_fetch_timeout = check_ads_source(c, &join(at, "cds_config"), errs);
+                true
+            }
+            None => false,
+        };
+        Some(XdsConfig {
+            ads_cluster,
+            authority,
+            cds,
+            initial_fetch_timeout,
+        })
+    }
+}

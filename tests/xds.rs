@@ -1,0 +1,254 @@
+//! xDS end to end: a scripted ADS management server (tonic, envoy-types server traits)
+//! pushes clusters and endpoints, a bad resource, and a disconnect.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use common::*;
+
+const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+#[derive(Default)]
+struct Shared {
+    requests: Vec<DiscoveryRequest>,
+    stream: Option<mpsc::Sender<Result<DiscoveryResponse, Status>>>,
+    streams_opened: usize,
+}
+
+#[derive(Clone, Default)]
+struct Mgmt(Arc<Mutex<Shared>>);
+
+type Out = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaOut = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Mgmt {
+    type StreamAggregatedResourcesStream = Out;
+    type DeltaAggregatedResourcesStream = DeltaOut;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Out>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        {
+            let mut s = self.0.lock().unwrap();
+            s.stream = Some(tx);
+            s.streams_opened += 1;
+        }
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = incoming.message().await {
+                shared.lock().unwrap().requests.push(req);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaOut>, Status> {
+        Err(Status::unimplemented("delta"))
+    }
+}
+
+struct Server {
+    mgmt: Mgmt,
+    port: u16,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start() -> Server {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mgmt = Mgmt::default();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let svc = AggregatedDiscoveryServiceServer::new(mgmt.clone());
+        rt.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        Server { mgmt, port, rt }
+    }
+
+    fn push(&self, type_url: &str, version: &str, resources: Vec<Vec<u8>>) {
+        let resp = DiscoveryResponse {
+            version_info: version.into(),
+            type_url: type_url.into(),
+            nonce: format!("nonce-{version}"),
+            resources: resources
+                .into_iter()
+                .map(|value| Any {
+                    type_url: type_url.into(),
+                    value,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let tx = self
+            .mgmt
+            .0
+            .lock()
+            .unwrap()
+            .stream
+            .clone()
+            .expect("a stream is open");
+        self.rt.block_on(tx.send(Ok(resp))).unwrap();
+    }
+
+    fn disconnect(&self) {
+        self.mgmt.0.lock().unwrap().stream = None;
+    }
+
+    fn requests(&self) -> Vec<DiscoveryRequest> {
+        self.mgmt.0.lock().unwrap().requests.clone()
+    }
+
+    fn streams(&self) -> usize {
+        self.mgmt.0.lock().unwrap().streams_opened
+    }
+}
+
+fn cluster(yaml: &str) -> Vec<u8> {
+    let c: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+        legate::config::load::parse_message(yaml, "envoy.config.cluster.v3.Cluster").unwrap();
+    c.encode_to_vec()
+}
+
+fn endpoints(name: &str, port: u16) -> Vec<u8> {
+    let yaml = format!(
+        "cluster_name: {name}\nendpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]"
+    );
+    let c: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+        legate::config::load::parse_message(
+            &yaml,
+            "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        )
+        .unwrap();
+    c.encode_to_vec()
+}
+
+const EDS_CLUSTER: &str = "name: svc\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}}";
+
+#[test]
+fn clusters_and_endpoints_arrive_over_ads_with_acks_nacks_and_reconnects() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let server = Server::start();
+    let port = free_port();
+    let route = "validate_clusters: false\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: svc}\n";
+    let xds_cluster = format!(
+        r#"
+  - name: xds
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
+"#,
+        server.port
+    );
+    let yaml = format!(
+        "node: {{id: legate-test, cluster: test}}\ndynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]\n  cds_config: {{ads: {{}}, resource_api_version: V3}}\n{}",
+        bootstrap(&[listener_yaml("main", port, route, "")], &[xds_cluster])
+    );
+    let _l = Legate::start(&yaml, port);
+
+    // Before any push the route's cluster is unknown: 503, the static part serves.
+    assert_eq!(get(port, "/", "w").status, 503);
+    eventually(10, "the CDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == CLUSTER)
+    });
+    let first = server
+        .requests()
+        .into_iter()
+        .find(|r| r.type_url == CLUSTER)
+        .unwrap();
+    assert_eq!(
+        first.node.as_ref().map(|n| n.id.as_str()),
+        Some("legate-test")
+    );
+    assert!(
+        first.resource_names.is_empty(),
+        "CDS is a wildcard subscription"
+    );
+
+    server.push(CLUSTER, "1", vec![cluster(EDS_CLUSTER)]);
+    eventually(10, "CDS ACK and EDS subscription", || {
+        let reqs = server.requests();
+        reqs.iter().any(|r| {
+            r.type_url == CLUSTER && r.version_info == "1" && r.response_nonce == "nonce-1"
+        }) && reqs
+            .iter()
+            .any(|r| r.type_url == CLA && r.resource_names == ["svc"])
+    });
+    server.push(CLA, "e1", vec![endpoints("svc", a.port())]);
+    eventually(10, "traffic on the EDS endpoint", || {
+        get(port, "/", "w").upstream() == Some("a")
+    });
+
+    server.push(CLA, "e2", vec![endpoints("svc", b.port())]);
+    eventually(10, "endpoints replaced", || {
+        get(port, "/", "w").upstream() == Some("b")
+    });
+
+    // A bad cluster is NACKed with the field path; the last good config keeps serving.
+    server.push(
+        CLUSTER,
+        "2",
+        vec![cluster(&format!("{EDS_CLUSTER}\nlb_subset_config: {{}}"))],
+    );
+    eventually(10, "NACK", || {
+        server.requests().iter().any(|r| {
+            r.type_url == CLUSTER
+                && r.response_nonce == "nonce-2"
+                && r.version_info == "1"
+                && r.error_detail.as_ref().is_some_and(|e| {
+                    e.message
+                        .contains("cds[svc].lb_subset_config: not supported")
+                })
+        })
+    });
+    assert_eq!(get(port, "/", "w").upstream(), Some("b"));
+
+    // The stream breaks: traffic goes on, and the client comes back with what it has.
+    server.disconnect();
+    assert_eq!(get(port, "/", "w").upstream(), Some("b"));
+    eventually(10, "a new stream", || server.streams() >= 2);
+    eventually(10, "resubscription with the accepted versions", || {
+        let reqs = server.requests();
+        let n = reqs.len();
+        reqs[n.saturating_sub(4)..]
+            .iter()
+            .any(|r| r.type_url == CLUSTER && r.version_info == "1" && r.response_nonce.is_empty())
+    });
+    assert_eq!(get(port, "/", "w").upstream(), Some("b"));
+}
