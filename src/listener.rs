@@ -21,6 +21,9 @@ use crate::config::load::unpack_any;
 use crate::filter::FilterChain as HttpFilterChain;
 use crate::reject_set;
 use crate::route::RouteTable;
+use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds as RdsProto;
 
 const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -42,6 +45,15 @@ pub enum StripPort {
     Matching,
     /// `strip_any_host_port`.
     Any,
+}
+
+/// Route configurations delivered over RDS, and what the listeners being compiled ask for.
+pub struct Rds<'a> {
+    pub lookup: &'a dyn Fn(&str) -> Option<RouteConfiguration>,
+    /// Every `rds.route_config_name` seen (to subscribe to).
+    pub names: Vec<String>,
+    /// Set when a listener's routes have not arrived yet.
+    pub missing: bool,
 }
 
 /// The HCM of a listener, compiled.
@@ -124,6 +136,7 @@ impl Listener {
         l: &ListenerProto,
         at: &str,
         default_name: String,
+        rds: &mut Rds<'_>,
         errs: &mut Errors,
     ) -> Option<Self> {
         let ListenerProto {
@@ -224,7 +237,7 @@ impl Listener {
         let hcm = convert_filter_chain(
             &filter_chains[0],
             &index(&join(at, "filter_chains"), 0),
-            port,
+            rds,
             errs,
         )?;
         Some(Listener {
@@ -242,7 +255,7 @@ impl Listener {
 fn convert_filter_chain(
     fc: &FilterChain,
     at: &str,
-    port: u16,
+    rds: &mut Rds<'_>,
     errs: &mut Errors,
 ) -> Option<HttpConnectionManager> {
     let FilterChain {
@@ -293,13 +306,13 @@ fn convert_filter_chain(
             return None;
         }
     };
-    convert_hcm(&hcm, &join(&at, "typed_config"), port, errs)
+    convert_hcm(&hcm, &join(&at, "typed_config"), rds, errs)
 }
 
 fn convert_hcm(
     h: &HcmProto,
     at: &str,
-    _port: u16,
+    rds: &mut Rds<'_>,
     errs: &mut Errors,
 ) -> Option<HttpConnectionManager> {
     let HcmProto {
@@ -450,12 +463,43 @@ fn convert_hcm(
         Some(RouteSpecifier::RouteConfig(rc)) => {
             RouteTable::convert(rc, &join(at, "route_config"), errs)
         }
-        Some(RouteSpecifier::Rds(_)) => {
-            errs.add(
-                join(at, "rds"),
-                "not supported yet (use an inline route_config)",
-            );
-            None
+        Some(RouteSpecifier::Rds(r)) => {
+            let rat = join(at, "rds");
+            let RdsProto {
+                config_source,
+                route_config_name,
+            } = r;
+            match config_source
+                .as_ref()
+                .and_then(|c| c.config_source_specifier.as_ref())
+            {
+                Some(ConfigSourceSpecifier::Ads(_)) => {}
+                _ => errs.add(join(&rat, "config_source"), "only ads: {} is supported"),
+            }
+            if route_config_name.is_empty() {
+                errs.add(join(&rat, "route_config_name"), "required");
+                None
+            } else {
+                rds.names.push(route_config_name.clone());
+                match (rds.lookup)(route_config_name) {
+                    // RDS tables name clusters that may arrive later, as in Envoy.
+                    Some(rc) => {
+                        RouteTable::convert(&rc, &format!("rds[{route_config_name}]"), errs).map(
+                            |mut t| {
+                                if rc.validate_clusters.is_none() {
+                                    t.validate_clusters = false;
+                                }
+                                t
+                            },
+                        )
+                    }
+                    None => {
+                        // Warming: the listener waits for its routes before it serves.
+                        rds.missing = true;
+                        None
+                    }
+                }
+            }
         }
         Some(RouteSpecifier::ScopedRoutes(_)) => {
             errs.add(join(at, "scoped_routes"), "not supported");

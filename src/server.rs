@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::config::{load_bootstrap_file, parse_bootstrap, ConfigErrors};
 use crate::proxy::LegateProxy;
 use crate::snapshot::{compile, compile_with, Snapshot};
+use crate::xds::client::Needs;
 use crate::xds::Dynamic;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
@@ -297,21 +298,26 @@ impl Gateway {
     }
 
     /// xDS: a candidate set of dynamic resources, compiled with the current bootstrap.
-    fn apply_dynamic(&self, dynamic: Dynamic) -> Result<Vec<String>, String> {
+    fn apply_dynamic(&self, dynamic: Dynamic) -> Result<Needs, String> {
         let current = self.shared.load_full();
         let new = compile_with(current.bootstrap.clone(), Arc::new(dynamic))
             .map_err(|e| e.to_string().replace('\n', "; "))?;
-        let names = eds_names(&new);
+        let needs = needs(&new);
         self.publish(new)?;
-        Ok(names)
+        Ok(needs)
     }
 }
 
-fn eds_names(s: &Snapshot) -> Vec<String> {
-    s.clusters
-        .values()
-        .filter_map(|c| c.eds_service.clone())
-        .collect()
+/// The EDS and RDS names a snapshot's clusters and listeners wait for.
+fn needs(s: &Snapshot) -> Needs {
+    Needs {
+        eds: s
+            .clusters
+            .values()
+            .filter_map(|c| c.eds_service.clone())
+            .collect(),
+        rds: s.rds_names.clone(),
+    }
 }
 
 /// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
@@ -386,7 +392,7 @@ fn start_xds(gateway: &Arc<Gateway>) {
         target,
         apply,
         (*snapshot.dynamic).clone(),
-        eds_names(&snapshot),
+        needs(&snapshot),
     );
 }
 

@@ -9,9 +9,10 @@ use envoy_types::pb::envoy::config::bootstrap::v3::{bootstrap::StaticResources, 
 
 use crate::cluster::{socket_address, Cluster};
 use crate::config::error::{index, join, ConfigErrors, Errors};
-use crate::listener::Listener;
+use crate::listener::{Listener, Rds};
 use crate::reject_set;
 use crate::xds::{Dynamic, XdsConfig};
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -24,6 +25,10 @@ pub struct Snapshot {
     pub xds: Option<XdsConfig>,
     /// Resources delivered over xDS and accepted.
     pub dynamic: Arc<Dynamic>,
+    /// Route configurations the listeners take from RDS.
+    pub rds_names: Vec<String>,
+    /// Listeners waiting for their RDS routes (not serving yet).
+    pub warming: Vec<String>,
 }
 
 impl Snapshot {
@@ -153,6 +158,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         .and_then(|a| convert_admin(a, "admin", &mut errs));
     let mut listeners = Vec::new();
     let mut listener_index = HashMap::new();
+    let mut pending: Vec<(String, &ListenerProto, String)> = Vec::new();
     let mut clusters = HashMap::new();
     if let Some(sr) = static_resources {
         let StaticResources {
@@ -173,37 +179,12 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
                 }
             }
         }
-        let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
         for (i, l) in listener_protos.iter().enumerate() {
-            let at = index("static_resources.listeners", i);
-            let Some(listener) = Listener::convert(l, &at, format!("listener_{i}"), &mut errs)
-            else {
-                continue;
-            };
-            if listener_index.contains_key(&listener.name) {
-                errs.add(
-                    join(&at, "name"),
-                    format!("duplicate listener name '{}'", listener.name),
-                );
-                continue;
-            }
-            if let Some(other) = addresses.insert(listener.address, listener.name.clone()) {
-                errs.add(
-                    join(&at, "address"),
-                    format!("{} is already used by listener '{other}'", listener.address),
-                );
-                continue;
-            }
-            let rc_at = join(
-                &index(&join(&index(&join(&at, "filter_chains"), 0), "filters"), 0),
-                "typed_config.route_config",
-            );
-            listener
-                .hcm
-                .routes
-                .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
-            listener_index.insert(listener.name.clone(), listeners.len());
-            listeners.push(Arc::new(listener));
+            pending.push((
+                index("static_resources.listeners", i),
+                l,
+                format!("listener_{i}"),
+            ));
         }
     }
     for (name, c) in &dynamic.clusters {
@@ -218,6 +199,56 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         if let Some(cluster) = Cluster::convert_with_eds(c, &at, &eds, &mut errs) {
             clusters.insert(name.clone(), Arc::new(cluster));
         }
+    }
+    for (name, l) in &dynamic.listeners {
+        pending.push((format!("lds[{name}]"), l, name.clone()));
+    }
+    let routes_source = dynamic.clone();
+    let rds_lookup = move |name: &str| routes_source.routes.get(name).cloned();
+    let mut rds = Rds {
+        lookup: &rds_lookup,
+        names: Vec::new(),
+        missing: false,
+    };
+    let mut warming = Vec::new();
+    let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+    for (at, l, default_name) in pending {
+        rds.missing = false;
+        let Some(listener) = Listener::convert(l, &at, default_name.clone(), &mut rds, &mut errs)
+        else {
+            if rds.missing {
+                warming.push(if l.name.is_empty() {
+                    default_name
+                } else {
+                    l.name.clone()
+                });
+            }
+            continue;
+        };
+        if listener_index.contains_key(&listener.name) {
+            errs.add(
+                join(&at, "name"),
+                format!("duplicate listener name '{}'", listener.name),
+            );
+            continue;
+        }
+        if let Some(other) = addresses.insert(listener.address, listener.name.clone()) {
+            errs.add(
+                join(&at, "address"),
+                format!("{} is already used by listener '{other}'", listener.address),
+            );
+            continue;
+        }
+        let rc_at = join(
+            &index(&join(&index(&join(&at, "filter_chains"), 0), "filters"), 0),
+            "typed_config.route_config",
+        );
+        listener
+            .hcm
+            .routes
+            .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
+        listener_index.insert(listener.name.clone(), listeners.len());
+        listeners.push(Arc::new(listener));
     }
     if let Some(x) = &xds {
         match clusters.get(&x.ads_cluster) {
@@ -245,6 +276,8 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         admin_address,
         xds,
         dynamic,
+        rds_names: rds.names,
+        warming,
         bootstrap,
     })
 }

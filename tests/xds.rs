@@ -160,25 +160,10 @@ fn clusters_and_endpoints_arrive_over_ads_with_acks_nacks_and_reconnects() {
     let server = Server::start();
     let port = free_port();
     let route = "validate_clusters: false\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: svc}\n";
-    let xds_cluster = format!(
-        r#"
-  - name: xds
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
-"#,
-        server.port
-    );
-    let yaml = format!(
-        "node: {{id: legate-test, cluster: test}}\ndynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]\n  cds_config: {{ads: {{}}, resource_api_version: V3}}\n{}",
-        bootstrap(&[listener_yaml("main", port, route, "")], &[xds_cluster])
+    let yaml = xds_bootstrap(
+        server.port,
+        false,
+        &[listener_yaml("main", port, route, "")],
     );
     let _l = Legate::start(&yaml, port);
 
@@ -251,4 +236,111 @@ fn clusters_and_endpoints_arrive_over_ads_with_acks_nacks_and_reconnects() {
             .any(|r| r.type_url == CLUSTER && r.version_info == "1" && r.response_nonce.is_empty())
     });
     assert_eq!(get(port, "/", "w").upstream(), Some("b"));
+}
+
+const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+fn listener(name: &str, port: u16, rds: &str) -> Vec<u8> {
+    let yaml = format!(
+        r#"
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: {name}
+      rds: {{route_config_name: {rds}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    );
+    let l: envoy_types::pb::envoy::config::listener::v3::Listener =
+        legate::config::load::parse_message(&yaml, "envoy.config.listener.v3.Listener").unwrap();
+    l.encode_to_vec()
+}
+
+fn routes(name: &str, cluster: &str) -> Vec<u8> {
+    let yaml = format!(
+        "name: {name}\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {{prefix: /}}\n    route: {{cluster: {cluster}}}\n"
+    );
+    let r: envoy_types::pb::envoy::config::route::v3::RouteConfiguration =
+        legate::config::load::parse_message(&yaml, "envoy.config.route.v3.RouteConfiguration")
+            .unwrap();
+    r.encode_to_vec()
+}
+
+fn xds_bootstrap(server_port: u16, lds: bool, static_listeners: &[String]) -> String {
+    let xds_cluster = format!(
+        r#"
+  - name: xds
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {server_port}}}}}}}
+"#
+    );
+    let lds = if lds {
+        "  lds_config: {ads: {}, resource_api_version: V3}\n"
+    } else {
+        ""
+    };
+    let listeners = if static_listeners.is_empty() {
+        " []".to_string()
+    } else {
+        static_listeners.concat()
+    };
+    format!(
+        "node: {{id: legate-test, cluster: test}}\ndynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]\n  cds_config: {{ads: {{}}, resource_api_version: V3}}\n{lds}static_resources:\n  listeners:{listeners}\n  clusters:{xds_cluster}"
+    )
+}
+
+#[test]
+fn listeners_and_routes_arrive_over_ads_and_warm_before_serving() {
+    let a = Upstream::start("a");
+    let server = Server::start();
+    let admin_port = free_port();
+    // A static listener with a direct response, so the test knows legate is up.
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
+    eventually(10, "LDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == LISTENER)
+    });
+    server.push(CLUSTER, "c1", vec![cluster(EDS_CLUSTER)]);
+    server.push(CLA, "e1", vec![endpoints("svc", a.port())]);
+    let port = free_port();
+    server.push(LISTENER, "l1", vec![listener("dyn", port, "routes-1")]);
+    eventually(10, "RDS subscription for the listener's routes", || {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.type_url == ROUTES && r.resource_names == ["routes-1"])
+    });
+    // Warming: no routes yet, so the listener does not accept.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    server.push(ROUTES, "r1", vec![routes("routes-1", "svc")]);
+    eventually(10, "the listener serves once its routes arrived", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert_eq!(get(port, "/", "w").upstream(), Some("a"));
+    // An empty LDS set removes the listener.
+    server.push(LISTENER, "l2", vec![]);
+    eventually(10, "listener removed", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    assert_eq!(get(admin_port, "/", "w").status, 200);
 }

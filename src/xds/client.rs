@@ -19,11 +19,20 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::state::TypeState;
-use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE};
+use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 /// Applies a candidate set of dynamic resources: Ok with the EDS names the resulting
 /// clusters need, or Err with every problem (field path and reason) for the NACK.
-pub type Apply = Arc<dyn Fn(Dynamic) -> Result<Vec<String>, String> + Send + Sync>;
+pub type Apply = Arc<dyn Fn(Dynamic) -> Result<Needs, String> + Send + Sync>;
+
+/// The EDS and RDS resource names a compiled configuration needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub eds: Vec<String>,
+    pub rds: Vec<String>,
+}
 /// Where the management server is right now (a host of the ADS cluster).
 pub type Target = Arc<dyn Fn() -> Option<std::net::SocketAddr> + Send + Sync>;
 
@@ -37,7 +46,7 @@ pub fn spawn(
     target: Target,
     apply: Apply,
     initial: Dynamic,
-    eds_names: Vec<String>,
+    needs: Needs,
 ) {
     rt.spawn(async move {
         let mut client = Client {
@@ -46,9 +55,12 @@ pub fn spawn(
             dynamic: initial,
             cds: TypeState::new(CLUSTER_TYPE),
             eds: TypeState::new(ENDPOINT_TYPE),
+            lds: TypeState::new(LISTENER_TYPE),
+            rds: TypeState::new(ROUTE_TYPE),
             apply,
         };
-        client.eds.names = eds_names;
+        client.eds.names = needs.eds;
+        client.rds.names = needs.rds;
         let mut backoff = MIN_BACKOFF;
         loop {
             match client.session(&target).await {
@@ -58,7 +70,7 @@ pub fn spawn(
             let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 + 1);
             tokio::time::sleep(Duration::from_millis(jitter)).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            if client.cds.version.is_empty() && client.eds.version.is_empty() {
+            if client.cds.version.is_empty() && client.lds.version.is_empty() {
                 continue;
             }
             // Once a stream delivered config, start the next back-off from the bottom.
@@ -73,7 +85,17 @@ struct Client {
     dynamic: Dynamic,
     cds: TypeState,
     eds: TypeState,
+    lds: TypeState,
+    rds: TypeState,
     apply: Apply,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Cds,
+    Eds,
+    Lds,
+    Rds,
 }
 
 impl Client {
@@ -89,17 +111,23 @@ impl Client {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
-        self.cds.reset_stream();
-        self.eds.reset_stream();
-        // The node goes with the first request of each stream.
+        // Subscribe in Envoy's order: clusters, endpoints, listeners, routes. The node goes
+        // with the first request of each stream.
         let mut first = true;
-        if self.config.cds {
-            send(&tx, self.cds.subscribe(self.node.as_ref())).await?;
-            first = false;
-        }
-        if !self.eds.names.is_empty() {
-            let node = if first { self.node.as_ref() } else { None };
-            send(&tx, self.eds.subscribe(node)).await?;
+        let wanted = [
+            (Kind::Cds, self.config.cds),
+            (Kind::Eds, !self.eds.names.is_empty()),
+            (Kind::Lds, self.config.lds),
+            (Kind::Rds, !self.rds.names.is_empty()),
+        ];
+        for (kind, on) in wanted {
+            let node = if first { self.node.clone() } else { None };
+            let state = self.state(kind);
+            state.reset_stream();
+            if on {
+                send(&tx, state.subscribe(node.as_ref())).await?;
+                first = false;
+            }
         }
         let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut responses = client
@@ -121,6 +149,8 @@ impl Client {
         match resp.type_url.as_str() {
             CLUSTER_TYPE => self.on_clusters(resp),
             ENDPOINT_TYPE => self.on_endpoints(resp),
+            LISTENER_TYPE => self.on_listeners(resp),
+            ROUTE_TYPE => self.on_routes(resp),
             other => {
                 log::warn!("xDS: ignoring a response of unsubscribed type {other}");
                 Vec::new()
@@ -146,7 +176,55 @@ impl Client {
         }
         let mut candidate = self.dynamic.clone();
         candidate.clusters = clusters;
-        self.apply_candidate(candidate, resp, true)
+        self.apply_candidate(candidate, resp, Kind::Cds)
+    }
+
+    fn on_listeners(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
+        let mut listeners = BTreeMap::new();
+        for (i, any) in resp.resources.iter().enumerate() {
+            match ListenerProto::decode(any.value.as_slice()) {
+                Ok(l) if l.name.is_empty() => {
+                    return vec![self
+                        .lds
+                        .nack(resp, &format!("resources[{i}].name: required"))];
+                }
+                Ok(l) if listeners.contains_key(&l.name) => {
+                    return vec![self.lds.nack(
+                        resp,
+                        &format!("resources[{i}]: duplicate listener '{}'", l.name),
+                    )];
+                }
+                Ok(l) => {
+                    listeners.insert(l.name.clone(), l);
+                }
+                Err(e) => return vec![self.lds.nack(resp, &format!("resources[{i}]: {e}"))],
+            }
+        }
+        let mut candidate = self.dynamic.clone();
+        candidate.listeners = listeners;
+        self.apply_candidate(candidate, resp, Kind::Lds)
+    }
+
+    fn on_routes(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
+        let mut candidate = self.dynamic.clone();
+        for (i, any) in resp.resources.iter().enumerate() {
+            match RouteConfiguration::decode(any.value.as_slice()) {
+                Ok(rc) => {
+                    candidate.routes.insert(rc.name.clone(), rc);
+                }
+                Err(e) => return vec![self.rds.nack(resp, &format!("resources[{i}]: {e}"))],
+            }
+        }
+        self.apply_candidate(candidate, resp, Kind::Rds)
+    }
+
+    fn state(&mut self, kind: Kind) -> &mut TypeState {
+        match kind {
+            Kind::Cds => &mut self.cds,
+            Kind::Eds => &mut self.eds,
+            Kind::Lds => &mut self.lds,
+            Kind::Rds => &mut self.rds,
+        }
     }
 
     fn on_endpoints(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
@@ -159,17 +237,15 @@ impl Client {
                 Err(e) => return vec![self.eds.nack(resp, &format!("resources[{i}]: {e}"))],
             }
         }
-        self.apply_candidate(candidate, resp, false)
+        self.apply_candidate(candidate, resp, Kind::Eds)
     }
 
     fn apply_candidate(
         &mut self,
         mut candidate: Dynamic,
         resp: &DiscoveryResponse,
-        is_cds: bool,
+        kind: Kind,
     ) -> Vec<DiscoveryRequest> {
-        // Endpoints of EDS names no longer subscribed are dropped with the clusters.
-        let state = if is_cds { &mut self.cds } else { &mut self.eds };
         match (self.apply)(candidate.clone()) {
             Err(reason) => {
                 log::error!(
@@ -177,17 +253,25 @@ impl Client {
                     resp.type_url,
                     resp.version_info
                 );
-                vec![state.nack(resp, &reason)]
+                vec![self.state(kind).nack(resp, &reason)]
             }
-            Ok(mut eds_names) => {
-                let mut out = vec![state.ack(resp)];
-                eds_names.sort();
-                eds_names.dedup();
-                candidate.endpoints.retain(|k, _| eds_names.contains(k));
+            Ok(mut needs) => {
+                let mut out = vec![self.state(kind).ack(resp)];
+                needs.eds.sort();
+                needs.eds.dedup();
+                needs.rds.sort();
+                needs.rds.dedup();
+                // Endpoints and routes nothing refers to any more are forgotten.
+                candidate.endpoints.retain(|k, _| needs.eds.contains(k));
+                candidate.routes.retain(|k, _| needs.rds.contains(k));
                 self.dynamic = candidate;
-                if eds_names != self.eds.names {
-                    self.eds.names = eds_names;
+                if needs.eds != self.eds.names {
+                    self.eds.names = needs.eds;
                     out.push(self.eds.subscribe(None));
+                }
+                if needs.rds != self.rds.names {
+                    self.rds.names = needs.rds;
+                    out.push(self.rds.subscribe(None));
                 }
                 out
             }

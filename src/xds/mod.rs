@@ -14,6 +14,8 @@ use envoy_types::pb::envoy::config::core::v3::{
     grpc_service::TargetSpecifier, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
@@ -22,6 +24,8 @@ use crate::reject_set;
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 /// How to reach the management server, from `dynamic_resources`.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +36,8 @@ pub struct XdsConfig {
     pub authority: String,
     /// Clusters come over ADS (`cds_config: {ads: {}}`).
     pub cds: bool,
+    /// Listeners come over ADS (`lds_config: {ads: {}}`).
+    pub lds: bool,
     /// How long to wait for the first CDS answer before serving anyway (Envoy: 15s).
     pub initial_fetch_timeout: Option<Duration>,
 }
@@ -41,6 +47,8 @@ pub struct XdsConfig {
 pub struct Dynamic {
     pub clusters: BTreeMap<String, ClusterProto>,
     pub endpoints: HashMap<String, ClusterLoadAssignment>,
+    pub listeners: BTreeMap<String, ListenerProto>,
+    pub routes: HashMap<String, RouteConfiguration>,
 }
 
 fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Duration> {
@@ -79,12 +87,6 @@ impl XdsConfig {
             ads_config,
         } = d;
         reject_set!(errs, at, lds_resources_locator, cds_resources_locator);
-        if lds_config.is_some() {
-            errs.add(
-                join(at, "lds_config"),
-                "not supported yet (listeners come from the bootstrap)",
-            );
-        }
         let Some(ads) = ads_config else {
             errs.add(
                 join(at, "ads_config"),
@@ -173,10 +175,18 @@ impl XdsConfig {
             }
             None => false,
         };
+        let lds = match lds_config {
+            Some(c) => {
+                check_ads_source(c, &join(at, "lds_config"), errs);
+                true
+            }
+            None => false,
+        };
         Some(XdsConfig {
             ads_cluster,
             authority,
             cds,
+            lds,
             initial_fetch_timeout,
         })
     }
