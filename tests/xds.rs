@@ -361,6 +361,9 @@ fn static_rds_listener(name: &str, port: u16) -> String {
     )
 }
 
+/// Status and body, or None when nothing listens yet.
+type Answer = Option<(u16, String)>;
+
 struct Envoy(std::process::Child);
 
 impl Drop for Envoy {
@@ -432,7 +435,7 @@ fn legate_and_envoy_follow_the_same_management_server() {
             .unwrap();
         server.push(ROUTES, v, vec![r.encode_to_vec()]);
     };
-    let both = |path: &str| -> (Option<(u16, String)>, Option<(u16, String)>) {
+    let both = |path: &str| -> (Answer, Answer) {
         let one = |port| {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
             let r = get(port, path, "w");
