@@ -54,7 +54,12 @@ pub struct Rds<'a> {
     pub names: Vec<String>,
     /// Set when a listener's routes have not arrived yet.
     pub missing: bool,
+    /// Each route configuration's `initial_fetch_timeout` (None: wait forever).
+    pub timeouts: std::collections::HashMap<String, Option<Duration>>,
 }
+
+/// Envoy's default `initial_fetch_timeout`.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The HCM of a listener, compiled.
 #[derive(Debug)]
@@ -476,11 +481,26 @@ fn convert_hcm(
                 Some(ConfigSourceSpecifier::Ads(_)) => {}
                 _ => errs.add(join(&rat, "config_source"), "only ads: {} is supported"),
             }
+            let fetch_timeout = config_source
+                .as_ref()
+                .map_or(Some(DEFAULT_FETCH_TIMEOUT), |c| {
+                    duration::check(
+                        &c.initial_fetch_timeout,
+                        &join(&rat, "config_source.initial_fetch_timeout"),
+                        errs,
+                    );
+                    match &c.initial_fetch_timeout {
+                        None => Some(DEFAULT_FETCH_TIMEOUT),
+                        Some(d) => Some(duration::to_std(d)).filter(|d| !d.is_zero()),
+                    }
+                });
             if route_config_name.is_empty() {
                 errs.add(join(&rat, "route_config_name"), "required");
                 None
             } else {
                 rds.names.push(route_config_name.clone());
+                rds.timeouts
+                    .insert(route_config_name.clone(), fetch_timeout);
                 match (rds.lookup)(route_config_name) {
                     // RDS tables name clusters that may arrive later, as in Envoy.
                     Some(rc) => {

@@ -13,6 +13,7 @@ use crate::listener::{Listener, Rds};
 use crate::reject_set;
 use crate::xds::{Dynamic, XdsConfig};
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub dynamic: Arc<Dynamic>,
     /// Route configurations the listeners take from RDS.
     pub rds_names: Vec<String>,
+    /// Their `initial_fetch_timeout`s.
+    pub rds_timeouts: HashMap<String, Option<std::time::Duration>>,
     /// Listeners waiting for their RDS routes (not serving yet).
     pub warming: Vec<String>,
 }
@@ -204,11 +207,24 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         pending.push((format!("lds[{name}]"), l, name.clone()));
     }
     let routes_source = dynamic.clone();
-    let rds_lookup = move |name: &str| routes_source.routes.get(name).cloned();
+    // A route configuration whose initial fetch timed out serves as an empty table (every
+    // request 404), as Envoy initializes a listener without it.
+    let rds_lookup = move |name: &str| {
+        routes_source.routes.get(name).cloned().or_else(|| {
+            routes_source
+                .rds_timed_out
+                .contains(name)
+                .then(|| RouteConfiguration {
+                    name: name.to_string(),
+                    ..Default::default()
+                })
+        })
+    };
     let mut rds = Rds {
         lookup: &rds_lookup,
         names: Vec::new(),
         missing: false,
+        timeouts: HashMap::new(),
     };
     let mut warming = Vec::new();
     let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
@@ -277,6 +293,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         xds,
         dynamic,
         rds_names: rds.names,
+        rds_timeouts: rds.timeouts,
         warming,
         bootstrap,
     })

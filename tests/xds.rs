@@ -239,6 +239,10 @@ const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 fn listener(name: &str, port: u16, rds: &str) -> Vec<u8> {
+    listener_with_timeout(name, port, rds, "15s")
+}
+
+fn listener_with_timeout(name: &str, port: u16, rds: &str, timeout: &str) -> Vec<u8> {
     let yaml = format!(
         r#"
 name: {name}
@@ -249,7 +253,7 @@ filter_chains:
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
       stat_prefix: {name}
-      rds: {{route_config_name: {rds}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
+      rds: {{route_config_name: {rds}, config_source: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {timeout}}}}}
       http_filters:
       - name: envoy.filters.http.router
         typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
@@ -461,4 +465,35 @@ fn legate_and_envoy_follow_the_same_management_server() {
 
     push_routes("r2");
     same_after("routes updated", "/direct", (202, "r2"));
+}
+
+#[test]
+fn a_listener_whose_routes_never_come_starts_after_the_initial_fetch_timeout() {
+    let server = Server::start();
+    let admin_port = free_port();
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
+    eventually(10, "LDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == LISTENER)
+    });
+    let port = free_port();
+    let pushed = std::time::Instant::now();
+    server.push(
+        LISTENER,
+        "l1",
+        vec![listener_with_timeout("dyn", port, "never", "0.5s")],
+    );
+    eventually(10, "listener up without its routes", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(
+        pushed.elapsed() >= std::time::Duration::from_millis(400),
+        "it waited for the routes first"
+    );
+    assert_eq!(get(port, "/", "w").status, 404, "an empty route table");
 }

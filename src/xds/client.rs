@@ -32,6 +32,8 @@ pub type Apply = Arc<dyn Fn(Dynamic) -> Result<Needs, String> + Send + Sync>;
 pub struct Needs {
     pub eds: Vec<String>,
     pub rds: Vec<String>,
+    /// Each RDS name's `initial_fetch_timeout` (None: wait forever).
+    pub rds_timeouts: std::collections::HashMap<String, Option<Duration>>,
 }
 /// Where the management server is right now (a host of the ADS cluster).
 pub type Target = Arc<dyn Fn() -> Option<std::net::SocketAddr> + Send + Sync>;
@@ -58,9 +60,11 @@ pub fn spawn(
             lds: TypeState::new(LISTENER_TYPE),
             rds: TypeState::new(ROUTE_TYPE),
             apply,
+            rds_deadlines: Default::default(),
         };
-        client.eds.names = needs.eds;
-        client.rds.names = needs.rds;
+        client.eds.names = needs.eds.clone();
+        client.rds.names = needs.rds.clone();
+        client.arm_fetch_timeouts(&needs);
         let mut backoff = MIN_BACKOFF;
         loop {
             match client.session(&target).await {
@@ -88,6 +92,9 @@ struct Client {
     lds: TypeState,
     rds: TypeState,
     apply: Apply,
+    /// When a route configuration still missing is given up on (served empty, as Envoy
+    /// does after `initial_fetch_timeout`).
+    rds_deadlines: std::collections::HashMap<String, tokio::time::Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -136,12 +143,24 @@ impl Client {
             .map_err(|s| s.to_string())?
             .into_inner();
         log::info!("xDS stream to '{}' ({addr}) open", self.config.ads_cluster);
-        while let Some(resp) = responses.message().await.map_err(|s| s.to_string())? {
-            for req in self.handle(&resp) {
-                send(&tx, req).await?;
+        loop {
+            let next = self.rds_deadlines.values().min().copied();
+            let timer = async move {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                msg = responses.message() => {
+                    let Some(resp) = msg.map_err(|s| s.to_string())? else { return Ok(()) };
+                    for req in self.handle(&resp) {
+                        send(&tx, req).await?;
+                    }
+                }
+                _ = timer => self.expire_fetches(),
             }
         }
-        Ok(())
     }
 
     /// The requests (ACK/NACK, and a new EDS subscription) that answer one response.
@@ -218,6 +237,51 @@ impl Client {
         self.apply_candidate(candidate, resp, Kind::Rds)
     }
 
+    /// Starts the `initial_fetch_timeout` clock for route configurations not yet received.
+    fn arm_fetch_timeouts(&mut self, needs: &Needs) {
+        let now = tokio::time::Instant::now();
+        self.rds_deadlines
+            .retain(|name, _| needs.rds.contains(name));
+        for name in &needs.rds {
+            let known =
+                self.dynamic.routes.contains_key(name) || self.dynamic.rds_timed_out.contains(name);
+            if known || self.rds_deadlines.contains_key(name) {
+                continue;
+            }
+            if let Some(Some(t)) = needs.rds_timeouts.get(name) {
+                self.rds_deadlines.insert(name.clone(), now + *t);
+            }
+        }
+    }
+
+    /// Route configurations whose initial fetch timed out serve as empty tables, so their
+    /// listeners start (answering 404) instead of waiting forever.
+    fn expire_fetches(&mut self) {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<String> = self
+            .rds_deadlines
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut candidate = self.dynamic.clone();
+        for name in &expired {
+            self.rds_deadlines.remove(name);
+            if !candidate.routes.contains_key(name) {
+                log::warn!(
+                    "xDS: route configuration '{name}' did not arrive in time; serving without it"
+                );
+                candidate.rds_timed_out.insert(name.clone());
+            }
+        }
+        if candidate.rds_timed_out != self.dynamic.rds_timed_out {
+            match (self.apply)(candidate.clone()) {
+                Ok(_) => self.dynamic = candidate,
+                Err(e) => log::error!("xDS: cannot start listeners without their routes: {e}"),
+            }
+        }
+    }
+
     fn state(&mut self, kind: Kind) -> &mut TypeState {
         match kind {
             Kind::Cds => &mut self.cds,
@@ -265,12 +329,13 @@ impl Client {
                 candidate.endpoints.retain(|k, _| needs.eds.contains(k));
                 candidate.routes.retain(|k, _| needs.rds.contains(k));
                 self.dynamic = candidate;
+                self.arm_fetch_timeouts(&needs);
                 if needs.eds != self.eds.names {
-                    self.eds.names = needs.eds;
+                    self.eds.names = needs.eds.clone();
                     out.push(self.eds.subscribe(None));
                 }
                 if needs.rds != self.rds.names {
-                    self.rds.names = needs.rds;
+                    self.rds.names = needs.rds.clone();
                     out.push(self.rds.subscribe(None));
                 }
                 out

@@ -49,6 +49,8 @@ pub struct Dynamic {
     pub endpoints: HashMap<String, ClusterLoadAssignment>,
     pub listeners: BTreeMap<String, ListenerProto>,
     pub routes: HashMap<String, RouteConfiguration>,
+    /// Route configurations whose initial fetch timed out (served as empty tables).
+    pub rds_timed_out: std::collections::BTreeSet<String>,
 }
 
 fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Duration> {
