@@ -116,7 +116,9 @@ impl Client {
             Err(_) => endpoint,
         };
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        // A full state-of-the-world push of a large mesh is far above gRPC's 4 MiB default.
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(1 << 30);
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
         // Subscribe in Envoy's order: clusters, endpoints, listeners, routes. The node goes
         // with the first request of each stream.
