@@ -6,7 +6,6 @@
 //! asserted.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/common/mgmt.rs"]
 mod mgmt;
