@@ -409,6 +409,24 @@ impl ProxyHttp for LegateProxy {
         }
     }
 
+    /// Failures are answered (and, later, counted and access-logged); Envoy does not log each
+    /// one either, so Pingora's per-request error and retry lines go to debug.
+    fn suppress_error_log(&self, session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        log::debug!("request failed: {e} ({})", session.request_summary());
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Self::CTX,
+        e: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        log::debug!("retrying after: {e}");
+        true
+    }
+
     /// Releases the host's active-request count.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.active = None;
