@@ -382,3 +382,91 @@ fn a_listener_whose_routes_never_come_starts_after_the_initial_fetch_timeout() {
     );
     assert_eq!(get(port, "/", "w").status, 404, "an empty route table");
 }
+
+#[test]
+fn delta_xds_adds_updates_and_removes_resources() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let server = Server::start();
+    let port = free_port();
+    let route = "validate_clusters: false\nvirtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: svc}\n";
+    let yaml = xds_bootstrap(
+        server.port,
+        false,
+        &[listener_yaml("main", port, route, "")],
+    )
+    .replace("api_type: GRPC", "api_type: DELTA_GRPC");
+    let _l = Legate::start(&yaml, port);
+    eventually(10, "a delta CDS subscription", || {
+        server
+            .delta_requests()
+            .iter()
+            .any(|r| r.type_url == CLUSTER)
+    });
+    server.push_delta(
+        CLUSTER,
+        "n1",
+        vec![("svc", "v1", cluster(EDS_CLUSTER))],
+        vec![],
+    );
+    eventually(10, "CDS ACK and EDS subscription by name", || {
+        let reqs = server.delta_requests();
+        reqs.iter()
+            .any(|r| r.type_url == CLUSTER && r.response_nonce == "n1" && r.error_detail.is_none())
+            && reqs
+                .iter()
+                .any(|r| r.type_url == CLA && r.resource_names_subscribe == ["svc"])
+    });
+    server.push_delta(
+        CLA,
+        "n2",
+        vec![("svc", "e1", endpoints("svc", a.port()))],
+        vec![],
+    );
+    eventually(10, "traffic to a", || {
+        get(port, "/", "w").upstream() == Some("a")
+    });
+    server.push_delta(
+        CLA,
+        "n3",
+        vec![("svc", "e2", endpoints("svc", b.port()))],
+        vec![],
+    );
+    eventually(10, "traffic to b", || {
+        get(port, "/", "w").upstream() == Some("b")
+    });
+
+    // A bad update is NACKed; the held version keeps serving.
+    server.push_delta(
+        CLUSTER,
+        "n4",
+        vec![(
+            "svc",
+            "v2",
+            cluster(&format!("{EDS_CLUSTER}\nlb_subset_config: {{}}")),
+        )],
+        vec![],
+    );
+    eventually(10, "delta NACK", || {
+        server.delta_requests().iter().any(|r| {
+            r.response_nonce == "n4"
+                && r.error_detail
+                    .as_ref()
+                    .is_some_and(|e| e.message.contains("lb_subset_config"))
+        })
+    });
+    assert_eq!(get(port, "/", "w").upstream(), Some("b"));
+
+    // A reconnect announces the versions held.
+    server.disconnect_delta();
+    eventually(10, "initial_resource_versions on the new stream", || {
+        server.delta_requests().iter().any(|r| {
+            r.type_url == CLUSTER
+                && r.initial_resource_versions.get("svc").map(String::as_str) == Some("v1")
+        })
+    });
+
+    // Removing the cluster: its route answers 503 again.
+    server.push_delta(CLUSTER, "n5", vec![], vec!["svc"]);
+    eventually(10, "cluster removed", || get(port, "/", "w").status == 503);
+}

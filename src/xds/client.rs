@@ -50,6 +50,10 @@ pub fn spawn(
     initial: Dynamic,
     needs: Needs,
 ) {
+    if config.delta {
+        spawn_delta(rt, config, node, target, apply, initial, needs);
+        return;
+    }
     rt.spawn(async move {
         let mut client = Client {
             config,
@@ -344,6 +348,37 @@ impl Client {
             }
         }
     }
+}
+
+fn spawn_delta(
+    rt: &tokio::runtime::Handle,
+    config: XdsConfig,
+    node: Option<Node>,
+    target: Target,
+    apply: Apply,
+    initial: Dynamic,
+    needs: Needs,
+) {
+    rt.spawn(async move {
+        let mut client = super::delta::DeltaClient::new(config, node, initial, apply, &needs);
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match client.session(&target).await {
+                Ok(()) => log::warn!("delta xDS stream to '{}' closed", client.config.ads_cluster),
+                Err(e) => log::warn!(
+                    "delta xDS stream to '{}' failed: {e}",
+                    client.config.ads_cluster
+                ),
+            }
+            let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 + 1);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            backoff = if client.has_config() {
+                MIN_BACKOFF * 4
+            } else {
+                (backoff * 2).min(MAX_BACKOFF)
+            };
+        }
+    });
 }
 
 async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Result<(), String> {

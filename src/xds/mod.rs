@@ -2,6 +2,7 @@
 //! management server delivered, and the ADS client that keeps them current.
 
 pub mod client;
+pub mod delta;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +39,8 @@ pub struct XdsConfig {
     pub cds: bool,
     /// Listeners come over ADS (`lds_config: {ads: {}}`).
     pub lds: bool,
+    /// Incremental xDS (`api_type: DELTA_GRPC`).
+    pub delta: bool,
     /// How long to wait for the first CDS answer before serving anyway (Envoy: 15s).
     pub initial_fetch_timeout: Option<Duration>,
 }
@@ -119,9 +122,7 @@ impl XdsConfig {
         );
         match ApiType::try_from(*api_type) {
             Ok(ApiType::Grpc) => {}
-            Ok(ApiType::DeltaGrpc) => {
-                errs.add(join(&aat, "api_type"), "DELTA_GRPC is not supported yet")
-            }
+            Ok(ApiType::DeltaGrpc) => {}
             _ => errs.add(join(&aat, "api_type"), "only GRPC is supported"),
         }
         if *transport_api_version != ApiVersion::V3 as i32 {
@@ -189,6 +190,7 @@ impl XdsConfig {
             authority,
             cds,
             lds,
+            delta: ads.api_type == ApiType::DeltaGrpc as i32,
             initial_fetch_timeout,
         })
     }

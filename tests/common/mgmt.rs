@@ -22,6 +22,8 @@ struct Shared {
     requests: Vec<DiscoveryRequest>,
     streams: Vec<mpsc::Sender<Result<DiscoveryResponse, Status>>>,
     streams_opened: usize,
+    delta_requests: Vec<DeltaDiscoveryRequest>,
+    delta_streams: Vec<mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>>,
 }
 
 #[derive(Clone, Default)]
@@ -57,9 +59,22 @@ impl AggregatedDiscoveryService for Mgmt {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaOut>, Status> {
-        Err(Status::unimplemented("delta"))
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        {
+            let mut s = self.0.lock().unwrap();
+            s.delta_streams.push(tx);
+            s.streams_opened += 1;
+        }
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = incoming.message().await {
+                shared.lock().unwrap().delta_requests.push(req);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -119,5 +134,48 @@ impl Server {
 
     pub fn streams(&self) -> usize {
         self.mgmt.0.lock().unwrap().streams_opened
+    }
+
+    /// Pushes a delta response: (name, version, encoded resource) upserts and removals.
+    pub fn push_delta(
+        &self,
+        type_url: &str,
+        nonce: &str,
+        resources: Vec<(&str, &str, Vec<u8>)>,
+        removed: Vec<&str>,
+    ) {
+        let resp = DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            nonce: nonce.into(),
+            resources: resources
+                .into_iter()
+                .map(|(name, version, value)| {
+                    envoy_types::pb::envoy::service::discovery::v3::Resource {
+                        name: name.into(),
+                        version: version.into(),
+                        resource: Some(Any {
+                            type_url: type_url.into(),
+                            value,
+                        }),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            removed_resources: removed.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        let streams = self.mgmt.0.lock().unwrap().delta_streams.clone();
+        assert!(!streams.is_empty(), "a delta stream is open");
+        for tx in streams {
+            let _ = self.rt.block_on(tx.send(Ok(resp.clone())));
+        }
+    }
+
+    pub fn delta_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        self.mgmt.0.lock().unwrap().delta_requests.clone()
+    }
+
+    pub fn disconnect_delta(&self) {
+        self.mgmt.0.lock().unwrap().delta_streams.clear();
     }
 }
