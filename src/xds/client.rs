@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use prost::Message;
 use tokio::sync::mpsc;
 
+use super::fetch::FetchTimeouts;
 use super::state::TypeState;
 use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
@@ -64,7 +65,7 @@ pub fn spawn(
             lds: TypeState::new(LISTENER_TYPE),
             rds: TypeState::new(ROUTE_TYPE),
             apply,
-            rds_deadlines: Default::default(),
+            fetch: FetchTimeouts::default(),
         };
         client.eds.names = needs.eds.clone();
         client.rds.names = needs.rds.clone();
@@ -96,9 +97,7 @@ struct Client {
     lds: TypeState,
     rds: TypeState,
     apply: Apply,
-    /// When a route configuration still missing is given up on (served empty, as Envoy
-    /// does after `initial_fetch_timeout`).
-    rds_deadlines: std::collections::HashMap<String, tokio::time::Instant>,
+    fetch: FetchTimeouts,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,13 +149,7 @@ impl Client {
             .into_inner();
         log::info!("xDS stream to '{}' ({addr}) open", self.config.ads_cluster);
         loop {
-            let next = self.rds_deadlines.values().min().copied();
-            let timer = async move {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending::<()>().await,
-                }
-            };
+            let timer = FetchTimeouts::wait(self.fetch.next());
             tokio::select! {
                 msg = responses.message() => {
                     let Some(resp) = msg.map_err(|s| s.to_string())? else { return Ok(()) };
@@ -243,44 +236,12 @@ impl Client {
         self.apply_candidate(candidate, resp, Kind::Rds)
     }
 
-    /// Starts the `initial_fetch_timeout` clock for route configurations not yet received.
     fn arm_fetch_timeouts(&mut self, needs: &Needs) {
-        let now = tokio::time::Instant::now();
-        self.rds_deadlines
-            .retain(|name, _| needs.rds.contains(name));
-        for name in &needs.rds {
-            let known =
-                self.dynamic.routes.contains_key(name) || self.dynamic.rds_timed_out.contains(name);
-            if known || self.rds_deadlines.contains_key(name) {
-                continue;
-            }
-            if let Some(Some(t)) = needs.rds_timeouts.get(name) {
-                self.rds_deadlines.insert(name.clone(), now + *t);
-            }
-        }
+        self.fetch.arm(needs, &self.dynamic);
     }
 
-    /// Route configurations whose initial fetch timed out serve as empty tables, so their
-    /// listeners start (answering 404) instead of waiting forever.
     fn expire_fetches(&mut self) {
-        let now = tokio::time::Instant::now();
-        let expired: Vec<String> = self
-            .rds_deadlines
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut candidate = self.dynamic.clone();
-        for name in &expired {
-            self.rds_deadlines.remove(name);
-            if !candidate.routes.contains_key(name) {
-                log::warn!(
-                    "xDS: route configuration '{name}' did not arrive in time; serving without it"
-                );
-                candidate.rds_timed_out.insert(name.clone());
-            }
-        }
-        if candidate.rds_timed_out != self.dynamic.rds_timed_out {
+        if let Some(candidate) = self.fetch.expire(&self.dynamic) {
             match (self.apply)(candidate.clone()) {
                 Ok(_) => self.dynamic = candidate,
                 Err(e) => log::error!("xDS: cannot start listeners without their routes: {e}"),

@@ -19,6 +19,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::client::{Apply, Needs, Target};
+use super::fetch::FetchTimeouts;
 use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
 /// One resource type's delta subscription.
@@ -107,6 +108,7 @@ pub struct DeltaClient {
     eds: DeltaType,
     lds: DeltaType,
     rds: DeltaType,
+    fetch: FetchTimeouts,
 }
 
 impl DeltaClient {
@@ -126,9 +128,11 @@ impl DeltaClient {
             eds: DeltaType::new(ENDPOINT_TYPE, false),
             lds: DeltaType::new(LISTENER_TYPE, true),
             rds: DeltaType::new(ROUTE_TYPE, false),
+            fetch: FetchTimeouts::default(),
         };
         c.eds.names = needs.eds.iter().cloned().collect();
         c.rds.names = needs.rds.iter().cloned().collect();
+        c.arm_fetch_timeouts(needs);
         c
     }
 
@@ -176,12 +180,18 @@ impl DeltaClient {
             "delta xDS stream to '{}' ({addr}) open",
             self.config.ads_cluster
         );
-        while let Some(resp) = responses.message().await.map_err(|s| s.to_string())? {
-            for req in self.handle(&resp) {
-                send(&tx, req).await?;
+        loop {
+            let timer = FetchTimeouts::wait(self.fetch.next());
+            tokio::select! {
+                msg = responses.message() => {
+                    let Some(resp) = msg.map_err(|s| s.to_string())? else { return Ok(()) };
+                    for req in self.handle(&resp) {
+                        send(&tx, req).await?;
+                    }
+                }
+                _ = timer => self.expire_fetches(),
             }
         }
-        Ok(())
     }
 
     fn handle(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryRequest> {
@@ -231,9 +241,25 @@ impl DeltaClient {
                 candidate.endpoints.retain(|k, _| needs.eds.contains(k));
                 candidate.routes.retain(|k, _| needs.rds.contains(k));
                 self.dynamic = candidate;
+                self.arm_fetch_timeouts(&needs);
                 out.extend(self.eds.resubscribe(&needs.eds));
                 out.extend(self.rds.resubscribe(&needs.rds));
                 out
+            }
+        }
+    }
+}
+
+impl DeltaClient {
+    fn arm_fetch_timeouts(&mut self, needs: &Needs) {
+        self.fetch.arm(needs, &self.dynamic);
+    }
+
+    fn expire_fetches(&mut self) {
+        if let Some(candidate) = self.fetch.expire(&self.dynamic) {
+            match (self.apply)(candidate.clone()) {
+                Ok(_) => self.dynamic = candidate,
+                Err(e) => log::error!("xDS: cannot start listeners without their routes: {e}"),
             }
         }
     }

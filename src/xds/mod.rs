@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod delta;
+mod fetch;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
