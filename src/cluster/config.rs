@@ -187,29 +187,9 @@ pub(super) fn convert_upstream_http_options(
     at: &str,
     errs: &mut Errors,
 ) -> Option<Duration> {
-    let envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
-        idle_timeout,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    } = o;
-    reject_set!(
-        errs,
-        at,
-        max_connection_duration,
-        max_connection_duration_jitter,
-        max_headers_count,
-        max_response_headers_kb,
-        max_stream_duration,
-        headers_with_underscores_action,
-        max_requests_per_connection,
-    );
-    duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
-    idle_timeout.as_ref().map(duration::to_std)
+    crate::config::http_options::idle_timeout(o, at, errs)
+        .as_ref()
+        .map(duration::to_std)
 }
 
 pub(super) fn convert_http_protocol_options(

@@ -39,6 +39,31 @@ pub struct Needs {
 /// Where the management server is right now (a host of the ADS cluster).
 pub type Target = Arc<dyn Fn() -> Option<std::net::SocketAddr> + Send + Sync>;
 
+/// Opens an ADS client to the management server's current host over h2c.
+pub async fn connect(
+    target: &Target,
+    authority: &str,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    ),
+    String,
+> {
+    let addr = target().ok_or("the ADS cluster has no host")?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5));
+    let endpoint = match format!("http://{authority}").parse::<http::Uri>() {
+        Ok(origin) => endpoint.origin(origin),
+        Err(_) => endpoint,
+    };
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    // A full state-of-the-world push of a large mesh is far above gRPC's 4 MiB default.
+    let client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(1 << 30);
+    Ok((addr, client))
+}
+
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -110,18 +135,7 @@ enum Kind {
 
 impl Client {
     async fn session(&mut self, target: &Target) -> Result<(), String> {
-        let addr = target().ok_or("the ADS cluster has no host")?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(5));
-        let endpoint = match format!("http://{}", self.config.authority).parse::<http::Uri>() {
-            Ok(origin) => endpoint.origin(origin),
-            Err(_) => endpoint,
-        };
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-        // A full state-of-the-world push of a large mesh is far above gRPC's 4 MiB default.
-        let mut client =
-            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(1 << 30);
+        let (addr, mut client) = connect(target, &self.config.authority).await?;
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
         // Subscribe in Envoy's order: clusters, endpoints, listeners, routes. The node goes
         // with the first request of each stream.

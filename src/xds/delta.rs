@@ -3,7 +3,6 @@
 //! a new stream announces the versions held (`initial_resource_versions`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -11,14 +10,13 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 use tokio::sync::mpsc;
 
-use super::client::{Apply, Needs, Target};
+use super::client::{connect, Apply, Needs, Target};
 use super::fetch::FetchTimeouts;
 use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
@@ -141,17 +139,7 @@ impl DeltaClient {
     }
 
     pub async fn session(&mut self, target: &Target) -> Result<(), String> {
-        let addr = target().ok_or("the ADS cluster has no host")?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(5));
-        let endpoint = match format!("http://{}", self.config.authority).parse::<http::Uri>() {
-            Ok(origin) => endpoint.origin(origin),
-            Err(_) => endpoint,
-        };
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-        let mut client =
-            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(1 << 30);
+        let (addr, mut client) = connect(target, &self.config.authority).await?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
         let mut first = true;
         let kinds = [

