@@ -68,18 +68,25 @@ struct Running {
 
 /// Starts and stops listeners so that the set of open sockets follows the config.
 struct ListenerManager {
-    runtime: tokio::runtime::Runtime,
+    /// One single-threaded runtime per worker thread, as Envoy and Pingora run workers:
+    /// a connection stays on the worker that accepted it, with no cross-thread wakeups.
+    workers: Vec<tokio::runtime::Handle>,
     app: Arc<App>,
     running: Mutex<HashMap<String, Running>>,
 }
 
 impl ListenerManager {
     fn new(threads: usize, shared: Arc<ArcSwap<Snapshot>>) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("legate-worker")
-            .enable_all()
-            .build()?;
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("legate-worker-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
         let conf = Arc::new(ServerConf {
             // Retries are decided by the route's retry policy, not by a fixed cap.
             max_retries: 1_000_000,
@@ -87,7 +94,7 @@ impl ListenerManager {
         });
         let app = Arc::new(pingora::proxy::http_proxy(&conf, LegateProxy::new(shared)));
         Ok(ListenerManager {
-            runtime,
+            workers,
             app,
             running: Mutex::new(HashMap::new()),
         })
@@ -111,13 +118,17 @@ impl ListenerManager {
                     // Renamed on the same address: keep the socket under its new name.
                     continue;
                 }
-                let listener = {
-                    // Registering the socket needs this runtime's context (not a block_on, so
-                    // it also works from another runtime's thread).
-                    let _enter = self.runtime.enter();
-                    bind(*addr).map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?
-                };
-                bound.push((name.to_string(), *addr, listener));
+                // One socket per worker on the same address (SO_REUSEPORT): the kernel spreads
+                // connections over the workers. Registering a socket needs its worker's
+                // context (entered, not block_on, so this also works from another runtime).
+                let mut sockets = Vec::new();
+                for w in &self.workers {
+                    let _enter = w.enter();
+                    let l = bind(*addr)
+                        .map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?;
+                    sockets.push(l);
+                }
+                bound.push((name.to_string(), *addr, sockets));
             }
         }
         // Rename entries whose address stayed but name changed.
@@ -155,15 +166,17 @@ impl ListenerManager {
                 );
             }
         }
-        for (name, addr, listener) in bound {
+        for (name, addr, sockets) in bound {
             let (stop_tx, stop_rx) = watch::channel(false);
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
-            self.runtime.spawn(accept_loop(
-                listener,
-                self.app.clone(),
-                stop_rx,
-                shutdown_rx,
-            ));
+            for (w, listener) in self.workers.iter().zip(sockets) {
+                w.spawn(accept_loop(
+                    listener,
+                    self.app.clone(),
+                    stop_rx.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
             println!("legate: listener '{name}' on http://{addr}");
             running.insert(
                 name,
@@ -185,6 +198,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
