@@ -559,3 +559,67 @@ fn default_config_answers_without_other_software() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn ipv6_listener_and_upstream() {
+    use std::io::{Read, Write};
+    let upstream = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nv6\n",
+            );
+        }
+    });
+    let port = free_port();
+    let yaml = format!(
+        r#"
+static_resources:
+  listeners:
+  - name: v6
+    address: {{socket_address: {{address: "::1", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: v6
+          route_config: {{virtual_hosts: [{{name: a, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: up}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: up
+    load_assignment:
+      cluster_name: up
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "::1", port_value: {up_port}}}}}}}}}]}}]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v6.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(legate_bin())
+        .args(["--log-level", "warn", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut s = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("::1", port)) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no IPv6 listener");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let r = parse_response(&buf);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((r.status, r.body.as_str()), (200, "v6\n"));
+}
