@@ -4,6 +4,7 @@
 // part of speaking Envoy's API.
 #![allow(deprecated)]
 
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod filter;

@@ -356,6 +356,16 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         .apply(&shared.load())
         .map_err(|e| ConfigErrors::one("", e))?;
     println!("legate: config from {}", source.describe());
+    if let Some(addr) = shared.load().admin_address {
+        let state = Arc::new(crate::admin::AdminState {
+            snapshot: shared.clone(),
+            started: std::time::Instant::now(),
+            ready: std::sync::atomic::AtomicBool::new(true),
+            command_line: std::env::args().collect(),
+        });
+        crate::admin::start(&control, addr, state)
+            .map_err(|e| ConfigErrors::one("admin.address", format!("cannot bind {addr}: {e}")))?;
+    }
     let gateway = Arc::new(Gateway {
         source,
         shared: shared.clone(),

@@ -22,6 +22,7 @@ pub struct Host {
     pub priority: u32,
     pub locality_weight: u32,
     active_requests: AtomicU64,
+    total_requests: AtomicU64,
     health: AtomicU32,
     /// Active health checking: consecutive results and whether a check has completed.
     pub hc_successes: AtomicU32,
@@ -41,6 +42,7 @@ impl Host {
             priority: 0,
             locality_weight: 1,
             active_requests: AtomicU64::new(0),
+            total_requests: AtomicU64::new(0),
             health: AtomicU32::new(0),
             hc_successes: AtomicU32::new(0),
             hc_failures: AtomicU32::new(0),
@@ -84,9 +86,15 @@ impl Host {
         self.active_requests.load(Ordering::Relaxed)
     }
 
+    /// Requests sent to this host since it joined (tries, including retries).
+    pub fn total_requests(&self) -> u64 {
+        self.total_requests.load(Ordering::Relaxed)
+    }
+
     /// Counts a request against the host until the guard drops (least-request LB input).
     pub fn start_request(self: &std::sync::Arc<Self>) -> ActiveRequest {
         self.active_requests.fetch_add(1, Ordering::Relaxed);
+        self.total_requests.fetch_add(1, Ordering::Relaxed);
         ActiveRequest(self.clone())
     }
 

@@ -291,6 +291,10 @@ impl Client {
         resp: &DiscoveryResponse,
         kind: Kind,
     ) -> Vec<DiscoveryRequest> {
+        candidate.versions.insert(
+            resp.type_url.clone(),
+            (resp.version_info.clone(), super::now_unix()),
+        );
         match (self.apply)(candidate.clone()) {
             Err(reason) => {
                 log::error!(

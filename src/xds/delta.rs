@@ -184,6 +184,10 @@ impl DeltaClient {
 
     fn handle(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryRequest> {
         let mut candidate = self.dynamic.clone();
+        candidate.versions.insert(
+            resp.type_url.clone(),
+            (resp.system_version_info.clone(), super::now_unix()),
+        );
         let decoded = match resp.type_url.as_str() {
             CLUSTER_TYPE => upsert(resp, &mut candidate.clusters, |c: &ClusterProto| {
                 c.name.clone()

@@ -55,6 +55,15 @@ pub struct Dynamic {
     pub routes: HashMap<String, RouteConfiguration>,
     /// Route configurations whose initial fetch timed out (served as empty tables).
     pub rds_timed_out: std::collections::BTreeSet<String>,
+    /// Per resource type: the version last accepted and when (seconds since the epoch).
+    pub versions: BTreeMap<String, (String, u64)>,
+}
+
+/// Seconds since the Unix epoch, for `last_updated`.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Duration> {
