@@ -44,23 +44,60 @@ fn main() {
         PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("envoy_descriptors.bin");
     std::fs::write(&out, bytes).expect("write descriptor set");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=Cargo.lock");
 }
 
-/// Where cargo unpacked the `envoy-types` dependency.
+/// Where cargo unpacked the `envoy-types` dependency: the registry source directory of the
+/// version Cargo.lock pins, else whatever `cargo metadata` reports.
 fn envoy_types_dir() -> PathBuf {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    if let Some(dir) = from_registry(&manifest) {
+        return dir;
+    }
+    from_metadata(&manifest)
+}
+
+fn from_registry(manifest: &std::path::Path) -> Option<PathBuf> {
+    let lock = std::fs::read_to_string(manifest.join("Cargo.lock")).ok()?;
+    let mut lines = lock.lines();
+    let mut version = None;
+    while let Some(l) = lines.next() {
+        if l.trim() == "name = \"envoy-types\"" {
+            version = lines
+                .next()
+                .and_then(|v| v.trim().strip_prefix("version = \""))
+                .map(|v| v.trim_end_matches('"').to_string());
+            break;
+        }
+    }
+    let version = version?;
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|h| PathBuf::from(h).join(".cargo"))
+        })?;
+    let src = cargo_home.join("registry").join("src");
+    for index in std::fs::read_dir(src).ok()?.flatten() {
+        let dir = index.path().join(format!("envoy-types-{version}"));
+        if dir.join("proto").is_dir() {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+fn from_metadata(manifest: &std::path::Path) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
-    let output = Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            "--manifest-path",
-        ])
-        .arg(PathBuf::from(&manifest).join("Cargo.toml"))
-        .output()
-        .expect("run cargo metadata");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(manifest.join("Cargo.toml"));
+    if let Ok(target) = std::env::var("TARGET") {
+        cmd.args(["--filter-platform", &target]);
+    }
+    let output = cmd.output().expect("run cargo metadata");
     assert!(
         output.status.success(),
         "cargo metadata failed: {}",

@@ -91,7 +91,14 @@ fn query_param<'a>(uri: &'a hyper::Uri, name: &str) -> Option<&'a str> {
 
 /// Routes one admin request.
 pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> Resp {
-    let read_only = ["/ready", "/server_info", "/config_dump", "/clusters"];
+    let read_only = [
+        "/ready",
+        "/server_info",
+        "/config_dump",
+        "/clusters",
+        "/stats",
+        "/stats/prometheus",
+    ];
     let path = uri.path();
     if !read_only.contains(&path) {
         return reply(404, "text/plain", "unknown admin path\n");
@@ -132,8 +139,57 @@ pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> R
                 reply(200, "text/plain", clusters_text(&snapshot))
             }
         }
+        "/stats" => reply(
+            200,
+            "text/plain",
+            crate::stats::text(&all_stats(&state.snapshot.load())),
+        ),
+        "/stats/prometheus" => reply(
+            200,
+            "text/plain; version=0.0.4",
+            crate::stats::prometheus(&all_stats(&state.snapshot.load())),
+        ),
         _ => reply(404, "text/plain", "unknown admin path\n"),
     }
+}
+
+/// Counters from the registry plus gauges read from the current snapshot.
+fn all_stats(s: &Snapshot) -> Vec<crate::stats::Stat> {
+    let mut gauges = Vec::new();
+    for (name, c) in &s.clusters {
+        let members = c.members();
+        let tag = vec![("envoy_cluster_name".to_string(), name.clone())];
+        let healthy = members.iter().filter(|h| h.is_healthy()).count() as u64;
+        let ejected = members
+            .iter()
+            .filter(|h| h.health_flags() & flags::FAILED_OUTLIER != 0)
+            .count() as u64;
+        for (stat, v) in [
+            ("membership_total", members.len() as u64),
+            ("membership_healthy", healthy),
+            ("outlier_detection.ejections_active", ejected),
+        ] {
+            gauges.push((
+                format!("cluster.{name}.{stat}"),
+                format!("envoy_cluster_{}", stat.replace('.', "_")),
+                tag.clone(),
+                v,
+            ));
+        }
+    }
+    gauges.push((
+        "cluster_manager.active_clusters".into(),
+        "envoy_cluster_manager_active_clusters".into(),
+        vec![],
+        s.clusters.len() as u64,
+    ));
+    gauges.push((
+        "listener_manager.total_listeners_active".into(),
+        "envoy_listener_manager_total_listeners_active".into(),
+        vec![],
+        s.listeners.len() as u64,
+    ));
+    crate::stats::collect(gauges)
 }
 
 fn server_info(state: &AdminState) -> Value {

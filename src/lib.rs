@@ -14,6 +14,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod stats;
 pub mod xds;
 
 /// This machine's hostname, for `%HOSTNAME%`.

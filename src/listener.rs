@@ -83,6 +83,8 @@ pub struct HttpConnectionManager {
     /// `internal_address_config.cidr_ranges`; empty means no address is internal
     /// (Envoy's default since 1.33).
     pub internal_addresses: InternalAddresses,
+    /// `http.<stat_prefix>.*` counters, shared across configurations.
+    pub stats: std::sync::Arc<crate::stats::HttpStats>,
 }
 
 /// Addresses whose requests count as internal (trusted with `x-envoy-*` headers).
@@ -552,6 +554,7 @@ fn convert_hcm(
         request_timeout: duration::optional_timeout(request_timeout, None),
         strip_port,
         internal_addresses: convert_internal_addresses(internal_address_config, at, errs),
+        stats: crate::stats::http(stat_prefix),
     })
 }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,11 +23,6 @@ use crate::snapshot::{compile, compile_with, Snapshot};
 use crate::xds::client::Needs;
 use crate::xds::Dynamic;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
-
-/// Reloads rejected since start (a bad file, or a listener that could not bind).
-pub static RELOADS_REJECTED: AtomicU64 = AtomicU64::new(0);
-/// Reloads applied since start.
-pub static RELOADS_APPLIED: AtomicU64 = AtomicU64::new(0);
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -284,7 +279,10 @@ impl Gateway {
     /// SIGHUP: the file again, with the resources xDS delivered so far.
     fn reload(&self) {
         let reject = |reason: String| {
-            let n = RELOADS_REJECTED.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = crate::stats::server()
+                .config_reload_rejected
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
             log::error!(
                 "reload of {} rejected ({n} so far), keeping the last good config: {reason}",
                 self.source.describe()
@@ -304,7 +302,9 @@ impl Gateway {
         }
         match self.publish(new) {
             Ok(()) => {
-                RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
+                crate::stats::server()
+                    .config_reload_success
+                    .fetch_add(1, Ordering::Relaxed);
                 log::info!("reloaded {}", self.source.describe());
             }
             Err(e) => reject(e),

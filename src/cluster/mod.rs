@@ -82,6 +82,8 @@ pub struct Cluster {
     pub eds_service: Option<String>,
     /// Configured for HTTP/2 upstream (usable for gRPC control traffic, not for routes).
     pub http2: bool,
+    /// `cluster.<name>.*` counters, shared across configurations.
+    pub stats: Arc<crate::stats::ClusterStats>,
     pub circuit: Arc<CircuitBreaker>,
     pub health_check: Option<HealthCheckConfig>,
     pub outlier: Option<OutlierConfig>,
@@ -359,6 +361,7 @@ impl Cluster {
             endpoints,
             eds_service,
             http2,
+            stats: crate::stats::cluster(name),
             circuit: Arc::new(circuit),
             health_check,
             outlier,

@@ -40,6 +40,8 @@ pub struct Attempts {
     pub last_failure: Option<&'static str>,
     /// Counts the retry under way against the cluster's `max_retries`.
     retry_slot: Option<Slot>,
+    /// The last retry was wanted but the `max_retries` breaker was full.
+    pub retry_overflowed: bool,
 }
 
 impl Attempts {
@@ -117,7 +119,10 @@ impl Attempts {
         if let Some(b) = breaker {
             match b.try_retry() {
                 Some(slot) => self.retry_slot = Some(slot),
-                None => return false,
+                None => {
+                    self.retry_overflowed = true;
+                    return false;
+                }
             }
         }
         self.retries_left -= 1;

@@ -7,6 +7,7 @@ mod local_reply;
 mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,8 @@ pub struct RequestCtx {
     /// The client as the HCM determined it (x-forwarded-for aware).
     client_ip: Option<std::net::IpAddr>,
     hash: Option<u64>,
+    /// When the request arrived (downstream_rq_time).
+    started: Option<Instant>,
     attempts: Attempts,
     /// Counts this request against the cluster's `max_requests`.
     request_slot: Option<Slot>,
@@ -118,7 +121,11 @@ impl ProxyHttp for LegateProxy {
         };
         ctx.snapshot = Some(snapshot);
         ctx.listener = Some(listener.clone());
+        ctx.started = Some(Instant::now());
         let hcm = &listener.hcm;
+        hcm.stats
+            .downstream_rq_total
+            .fetch_add(1, Ordering::Relaxed);
         // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
         session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
         if let Some(t) = hcm.request_timeout {
@@ -156,6 +163,10 @@ impl ProxyHttp for LegateProxy {
                 hash,
             } => {
                 let Some(slot) = cluster.circuit.try_request() else {
+                    cluster
+                        .stats
+                        .upstream_rq_pending_overflow
+                        .fetch_add(1, Ordering::Relaxed);
                     send_local_reply(session, ctx, overflow_reply()).await?;
                     return Ok(true);
                 };
@@ -233,6 +244,9 @@ impl ProxyHttp for LegateProxy {
         });
         if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
             c.record_outcome(h, Outcome::LocalFailure);
+            c.stats
+                .upstream_cx_connect_fail
+                .fetch_add(1, Ordering::Relaxed);
         }
         let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
         let replayable = !session.as_ref().retry_buffer_truncated();
@@ -242,6 +256,7 @@ impl ProxyHttp for LegateProxy {
             Instant::now(),
             breaker.as_ref(),
         );
+        count_retry(ctx, retry);
         e.set_retry(retry);
         e
     }
@@ -276,6 +291,9 @@ impl ProxyHttp for LegateProxy {
         );
         upstream::set_router_headers(upstream_request, m, hcm, ctx.attempts.count, expected);
         ctx.upstream_started = Some(now);
+        if let Some(c) = &ctx.cluster {
+            c.stats.upstream_rq_total.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -292,14 +310,17 @@ impl ProxyHttp for LegateProxy {
         if status >= 200 {
             if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
                 c.record_outcome(h, Outcome::Status(status));
+                let took = ctx.upstream_started.map_or(Duration::ZERO, |t| t.elapsed());
+                c.stats.response(status, took);
             }
             let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
             let replayable = !session.as_ref().retry_buffer_truncated();
             let failure = Failure::Response(status, &upstream_response.headers);
-            if ctx
-                .attempts
-                .take_retry(failure, replayable, Instant::now(), breaker.as_ref())
-            {
+            let retry =
+                ctx.attempts
+                    .take_retry(failure, replayable, Instant::now(), breaker.as_ref());
+            count_retry(ctx, retry);
+            if retry {
                 let mut e =
                     Error::explain(RETRY_ON_RESPONSE, format!("upstream answered {status}"));
                 e.set_retry(true);
@@ -359,6 +380,11 @@ impl ProxyHttp for LegateProxy {
                 return e;
             }
             ctx.attempts.last_failure = Some("per-try timeout");
+            if let Some(c) = &ctx.cluster {
+                c.stats
+                    .upstream_rq_per_try_timeout
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Failure::PerTryTimeout
         } else {
             ctx.attempts.last_failure = Some("connection termination");
@@ -371,10 +397,11 @@ impl ProxyHttp for LegateProxy {
             }
         }
         let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
-        let retry = if ctx
+        let taken = ctx
             .attempts
-            .take_retry(failure, replayable, now, breaker.as_ref())
-        {
+            .take_retry(failure, replayable, now, breaker.as_ref());
+        count_retry(ctx, taken);
+        let retry = if taken {
             true
         } else if stale_pooled && replayable && !ctx.attempts.response_started {
             ctx.attempts.transparent = true;
@@ -396,6 +423,11 @@ impl ProxyHttp for LegateProxy {
     ) -> FailToProxy {
         let reply = error_reply(e, &ctx.attempts);
         let code = reply.as_ref().map_or(0, |r| r.status);
+        if code == 504 {
+            if let Some(c) = &ctx.cluster {
+                c.stats.upstream_rq_timeout.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some(reply) = reply {
             if session.response_written().is_none() {
                 if let Err(err) = send_local_reply(session, ctx, reply).await {
@@ -428,7 +460,13 @@ impl ProxyHttp for LegateProxy {
     }
 
     /// Releases the host's active-request count.
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if let (Some(hcm), Some(started)) = (ctx.hcm(), ctx.started) {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            if status > 0 {
+                hcm.stats.response(status, started.elapsed());
+            }
+        }
         ctx.active = None;
         ctx.request_slot = None;
     }
@@ -466,6 +504,18 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
         session.as_downstream_mut().enable_retry_buffering();
     }
     ctx.attempts = Attempts::new(policy, timeout, Instant::now());
+}
+
+/// Counts a retry, or a retry the `max_retries` breaker refused.
+fn count_retry(ctx: &RequestCtx, retried: bool) {
+    let Some(c) = &ctx.cluster else { return };
+    if retried {
+        c.stats.upstream_rq_retry.fetch_add(1, Ordering::Relaxed);
+    } else if ctx.attempts.retry_overflowed {
+        c.stats
+            .upstream_rq_retry_overflow
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Envoy's answer when a circuit breaker is full.

@@ -162,6 +162,7 @@ impl Client {
             .map_err(|s| s.to_string())?
             .into_inner();
         log::info!("xDS stream to '{}' ({addr}) open", self.config.ads_cluster);
+        let _connected = Connected::open();
         loop {
             let timer = FetchTimeouts::wait(self.fetch.next());
             tokio::select! {
@@ -302,9 +303,11 @@ impl Client {
                     resp.type_url,
                     resp.version_info
                 );
+                count_update(&resp.type_url, false);
                 vec![self.state(kind).nack(resp, &reason)]
             }
             Ok(mut needs) => {
+                count_update(&resp.type_url, true);
                 let mut out = vec![self.state(kind).ack(resp)];
                 needs.eds.sort();
                 needs.eds.dedup();
@@ -358,6 +361,44 @@ fn spawn_delta(
             };
         }
     });
+}
+
+/// `control_plane.connected_state` is 1 while a stream is open.
+pub struct Connected;
+
+impl Connected {
+    pub fn open() -> Self {
+        crate::stats::server()
+            .control_plane_connected
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        Connected
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        crate::stats::server()
+            .control_plane_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Counts an accepted or rejected update of a resource type.
+pub fn count_update(type_url: &str, accepted: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = crate::stats::server();
+    let counter = match (type_url, accepted) {
+        (CLUSTER_TYPE, true) => &s.cds_update_success,
+        (CLUSTER_TYPE, false) => &s.cds_update_rejected,
+        (ENDPOINT_TYPE, true) => &s.eds_update_success,
+        (ENDPOINT_TYPE, false) => &s.eds_update_rejected,
+        (LISTENER_TYPE, true) => &s.lds_update_success,
+        (LISTENER_TYPE, false) => &s.lds_update_rejected,
+        (ROUTE_TYPE, true) => &s.rds_update_success,
+        (ROUTE_TYPE, false) => &s.rds_update_rejected,
+        _ => return,
+    };
+    counter.fetch_add(1, Relaxed);
 }
 
 async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Result<(), String> {

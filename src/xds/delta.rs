@@ -168,6 +168,7 @@ impl DeltaClient {
             "delta xDS stream to '{}' ({addr}) open",
             self.config.ads_cluster
         );
+        let _connected = super::client::Connected::open();
         loop {
             let timer = FetchTimeouts::wait(self.fetch.next());
             tokio::select! {
@@ -220,6 +221,7 @@ impl DeltaClient {
         match (self.apply)(candidate.clone()) {
             Err(reason) => {
                 log::error!("delta xDS: rejected {}: {reason}", resp.type_url);
+                super::client::count_update(&resp.type_url, false);
                 vec![state.nack(&resp.nonce, &reason)]
             }
             Ok(needs) => {
@@ -229,6 +231,7 @@ impl DeltaClient {
                 for name in &resp.removed_resources {
                     state.versions.remove(name);
                 }
+                super::client::count_update(&resp.type_url, true);
                 let mut out = vec![state.ack(&resp.nonce)];
                 candidate.endpoints.retain(|k, _| needs.eds.contains(k));
                 candidate.routes.retain(|k, _| needs.rds.contains(k));
