@@ -164,12 +164,18 @@ impl ListenerManager {
         for (name, addr, sockets) in bound {
             let (stop_tx, stop_rx) = watch::channel(false);
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
+            let cx_stats = snapshot
+                .listeners
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| l.hcm.stats.clone());
             for (w, listener) in self.workers.iter().zip(sockets) {
                 w.spawn(accept_loop(
                     listener,
                     self.app.clone(),
                     stop_rx.clone(),
                     shutdown_rx.clone(),
+                    cx_stats.clone(),
                 ));
             }
             println!("legate: listener '{name}' on http://{addr}");
@@ -203,6 +209,7 @@ async fn accept_loop(
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    cx_stats: Option<Arc<crate::stats::HttpStats>>,
 ) {
     loop {
         tokio::select! {
@@ -218,10 +225,30 @@ async fn accept_loop(
                 let _ = tcp.set_nodelay(true);
                 let app = app.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { serve_connection(tcp, peer, app, shutdown).await });
+                let active = cx_stats.clone().map(ActiveConnection::new);
+                tokio::spawn(async move {
+                    serve_connection(tcp, peer, app, shutdown).await;
+                    drop(active);
+                });
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Counts an open downstream connection in `http.<prefix>.downstream_cx_active`.
+struct ActiveConnection(Arc<crate::stats::HttpStats>);
+
+impl ActiveConnection {
+    fn new(stats: Arc<crate::stats::HttpStats>) -> Self {
+        stats.downstream_cx_active.fetch_add(1, Ordering::Relaxed);
+        ActiveConnection(stats)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.downstream_cx_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -56,12 +56,22 @@ fn ten_requests_three_retried_counted_exactly() {
         "cluster.c.membership_healthy: 1",
         "http.main.downstream_rq_total: 11",
         "http.main.downstream_rq_2xx: 11",
+        "http.main.downstream_cx_active: 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
             "missing '{line}' in:\n{text}"
         );
     }
+
+    // An open keep-alive connection is an active downstream connection.
+    let mut held = KeepAlive::connect(port).unwrap();
+    assert_eq!(held.get("/", "w").unwrap().status, 200);
+    assert!(get(admin, "/stats", "admin")
+        .body
+        .lines()
+        .any(|l| l == "http.main.downstream_cx_active: 1"));
+    drop(held);
 
     let s = scrape(admin);
     assert_eq!(
