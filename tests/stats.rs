@@ -64,15 +64,6 @@ fn ten_requests_three_retried_counted_exactly() {
         );
     }
 
-    // An open keep-alive connection is an active downstream connection.
-    let mut held = KeepAlive::connect(port).unwrap();
-    assert_eq!(held.get("/", "w").unwrap().status, 200);
-    assert!(get(admin, "/stats", "admin")
-        .body
-        .lines()
-        .any(|l| l == "http.main.downstream_cx_active: 1"));
-    drop(held);
-
     let s = scrape(admin);
     assert_eq!(
         value(
@@ -130,4 +121,13 @@ fn ten_requests_three_retried_counted_exactly() {
         }
         other => panic!("not a histogram: {other:?}"),
     }
+
+    // An open keep-alive connection is an active downstream connection.
+    let mut held = KeepAlive::connect(port).unwrap();
+    assert_eq!(held.get("/", "w").unwrap().status, 200);
+    assert!(get(admin, "/stats", "admin")
+        .body
+        .lines()
+        .any(|l| l == "http.main.downstream_cx_active: 1"));
+    drop(held);
 }
