@@ -28,6 +28,8 @@ pub struct AdminState {
     /// False until the initial configuration serves, and again while draining.
     pub ready: AtomicBool,
     pub command_line: Vec<String>,
+    /// Stops all listeners (POST /drain_listeners).
+    pub drain: Box<dyn Fn() + Send + Sync>,
 }
 
 type Resp = hyper::Response<Full<Bytes>>;
@@ -100,6 +102,13 @@ pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> R
         "/stats/prometheus",
     ];
     let path = uri.path();
+    if path == "/drain_listeners" {
+        if method != hyper::Method::POST {
+            return reply(405, "text/plain", "use POST\n");
+        }
+        (state.drain)();
+        return reply(200, "text/plain", "OK\n");
+    }
     if !read_only.contains(&path) {
         return reply(404, "text/plain", "unknown admin path\n");
     }
@@ -107,13 +116,10 @@ pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> R
         return reply(405, "text/plain", "use GET\n");
     }
     match path {
-        "/ready" => {
-            if state.ready.load(Ordering::Relaxed) {
-                reply(200, "text/plain", "LIVE\n")
-            } else {
-                reply(503, "text/plain", "PRE_INITIALIZING\n")
-            }
-        }
+        "/ready" => match server_state(state) {
+            "LIVE" => reply(200, "text/plain", "LIVE\n"),
+            other => reply(503, "text/plain", format!("{other}\n")),
+        },
         "/server_info" => json_reply(&server_info(state)),
         "/config_dump" => {
             let dump = config_dump(&state.snapshot.load());
@@ -192,10 +198,20 @@ fn all_stats(s: &Snapshot) -> Vec<crate::stats::Stat> {
     crate::stats::collect(gauges)
 }
 
+fn server_state(state: &AdminState) -> &'static str {
+    if crate::server::DRAINING.load(Ordering::Relaxed) {
+        "DRAINING"
+    } else if state.ready.load(Ordering::Relaxed) {
+        "LIVE"
+    } else {
+        "PRE_INITIALIZING"
+    }
+}
+
 fn server_info(state: &AdminState) -> Value {
     json!({
         "version": format!("legate/{}", env!("CARGO_PKG_VERSION")),
-        "state": if state.ready.load(Ordering::Relaxed) { "LIVE" } else { "PRE_INITIALIZING" },
+        "state": server_state(state),
         "uptime_current_epoch": format!("{}s", state.started.elapsed().as_secs()),
         "uptime_all_epochs": format!("{}s", state.started.elapsed().as_secs()),
         "node": proto_json(state.snapshot.load().bootstrap.node.as_ref(), "envoy.config.core.v3.Node"),

@@ -43,6 +43,11 @@ struct Args {
     /// Worker threads (Envoy's --concurrency); defaults to the number of CPUs.
     #[arg(long)]
     concurrency: Option<usize>,
+
+    /// On SIGTERM or SIGINT, how long open connections may take to finish before the
+    /// process exits (Envoy's --drain-time-s).
+    #[arg(long = "drain-time-s", default_value_t = 600)]
+    drain_time_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -71,7 +76,11 @@ fn main() -> ExitCode {
     let threads = args
         .concurrency
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match run(source, threads) {
+    match run(
+        source,
+        threads,
+        std::time::Duration::from_secs(args.drain_time_s),
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(errors) => {
             eprintln!("legate: configuration rejected:");

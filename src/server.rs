@@ -24,6 +24,10 @@ use crate::xds::client::Needs;
 use crate::xds::Dynamic;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
+/// Set once the gateway drains (SIGTERM, SIGINT or POST /drain_listeners): listeners stop
+/// accepting, open connections finish their request, /ready answers 503.
+pub static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
@@ -98,6 +102,10 @@ impl ListenerManager {
     /// Binds new listeners and stops removed ones. Binding happens before anything is
     /// stopped, so a listener that cannot bind rejects the change as a whole.
     fn apply(&self, snapshot: &Snapshot) -> Result<(), String> {
+        if DRAINING.load(Ordering::Relaxed) {
+            // A draining gateway opens nothing new.
+            return Ok(());
+        }
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let wanted: HashMap<&str, SocketAddr> = snapshot
             .listeners
@@ -189,6 +197,19 @@ impl ListenerManager {
             );
         }
         Ok(())
+    }
+}
+
+impl ListenerManager {
+    /// Stops every listener; open connections finish the request in flight and close.
+    fn drain_all(&self) {
+        DRAINING.store(true, Ordering::Relaxed);
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, r) in running.drain() {
+            let _ = r.stop.send(true);
+            let _ = r.shutdown.send(true);
+            log::info!("listener '{name}' on {} draining", r.address);
+        }
     }
 }
 
@@ -363,7 +384,7 @@ fn needs(s: &Snapshot) -> Needs {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
-pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
+pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result<(), ConfigErrors> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     // The default action of SIGHUP ends the process; take it over before anything else.
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
@@ -383,29 +404,41 @@ pub fn run(source: ConfigSource, threads: usize) -> Result<(), ConfigErrors> {
         .apply(&shared.load())
         .map_err(|e| ConfigErrors::one("", e))?;
     println!("legate: config from {}", source.describe());
-    if let Some(addr) = shared.load().admin_address {
-        let state = Arc::new(crate::admin::AdminState {
-            snapshot: shared.clone(),
-            started: std::time::Instant::now(),
-            ready: std::sync::atomic::AtomicBool::new(true),
-            command_line: std::env::args().collect(),
-        });
-        crate::admin::start(&control, addr, state)
-            .map_err(|e| ConfigErrors::one("admin.address", format!("cannot bind {addr}: {e}")))?;
-    }
     let gateway = Arc::new(Gateway {
         source,
         shared: shared.clone(),
         control: control.clone(),
         manager,
     });
+    if let Some(addr) = shared.load().admin_address {
+        let drainer = Arc::downgrade(&gateway);
+        let state = Arc::new(crate::admin::AdminState {
+            snapshot: shared.clone(),
+            started: std::time::Instant::now(),
+            ready: std::sync::atomic::AtomicBool::new(true),
+            command_line: std::env::args().collect(),
+            drain: Box::new(move || {
+                if let Some(g) = drainer.upgrade() {
+                    g.manager.drain_all();
+                }
+            }),
+        });
+        crate::admin::start(&control, addr, state)
+            .map_err(|e| ConfigErrors::one("admin.address", format!("cannot bind {addr}: {e}")))?;
+    }
     start_xds(&gateway);
 
     for sig in signals.forever() {
         match sig {
             SIGHUP => gateway.reload(),
             _ => {
-                log::info!("signal {sig}: stopping");
+                log::info!("signal {sig}: draining for up to {drain_time:?}, then stopping");
+                gateway.manager.drain_all();
+                let deadline = std::time::Instant::now() + drain_time;
+                while crate::stats::active_connections() > 0 && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 std::process::exit(0);
             }
         }

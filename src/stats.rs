@@ -128,6 +128,15 @@ pub fn cluster(name: &str) -> Arc<ClusterStats> {
     r.clusters.entry(name.to_string()).or_default().clone()
 }
 
+/// Open downstream connections over every HCM (drain waits for this to reach 0).
+pub fn active_connections() -> u64 {
+    let r = registry().lock().unwrap_or_else(|e| e.into_inner());
+    r.http
+        .values()
+        .map(|h| h.downstream_cx_active.load(Ordering::Relaxed))
+        .sum()
+}
+
 pub fn http(stat_prefix: &str) -> Arc<HttpStats> {
     let mut r = registry().lock().unwrap_or_else(|e| e.into_inner());
     r.http.entry(stat_prefix.to_string()).or_default().clone()
