@@ -236,6 +236,13 @@ fn proto_json<M: Message>(m: Option<&M>, full_name: &str) -> Value {
     }
 }
 
+/// `2027-01-15T08:00:00.123Z`, as Envoy's %START_TIME%.
+pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = rfc3339(d.as_secs());
+    format!("{}.{:03}Z", s.trim_end_matches('Z'), d.subsec_millis())
+}
+
 fn rfc3339(unix: u64) -> String {
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let days = (unix / 86_400) as i64;

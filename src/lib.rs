@@ -4,6 +4,7 @@
 // part of speaking Envoy's API.
 #![allow(deprecated)]
 
+pub mod access_log;
 pub mod admin;
 pub mod cluster;
 pub mod config;

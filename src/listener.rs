@@ -85,6 +85,7 @@ pub struct HttpConnectionManager {
     pub internal_addresses: InternalAddresses,
     /// `http.<stat_prefix>.*` counters, shared across configurations.
     pub stats: std::sync::Arc<crate::stats::HttpStats>,
+    pub access_logs: Vec<crate::access_log::Logger>,
 }
 
 /// Addresses whose requests count as internal (trusted with `x-envoy-*` headers).
@@ -399,7 +400,6 @@ fn convert_hcm(
         drain_timeout,
         drain_timeout_jitter,
         delayed_close_timeout,
-        access_log,
         access_log_flush_interval,
         flush_access_log_on_new_request,
         access_log_options,
@@ -425,6 +425,7 @@ fn convert_hcm(
         add_proxy_protocol_connection_state,
         forward_proto_config,
     );
+    let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs);
     if normalize_path.is_some_and(|b| b.value) {
         errs.add(join(at, "normalize_path"), "not supported");
     }
@@ -534,6 +535,7 @@ fn convert_hcm(
     };
     let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
     Some(HttpConnectionManager {
+        access_logs,
         stat_prefix: stat_prefix.clone(),
         routes: routes?,
         filters: filters?,

@@ -1,6 +1,6 @@
 //! Running the gateway: a listener manager that accepts on every configured listener and
 //! hands connections to Pingora's HTTP proxy, a control runtime for health checks and
-//! DNS, and signal handling (SIGHUP reloads; SIGTERM and SIGINT stop).
+//! DNS, and signal handling (SIGHUP reloads; SIGUSR1 reopens access logs; SIGTERM and SIGINT stop).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -385,9 +385,9 @@ fn needs(s: &Snapshot) -> Needs {
 
 /// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
 pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result<(), ConfigErrors> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     // The default action of SIGHUP ends the process; take it over before anything else.
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])
         .map_err(|e| ConfigErrors::one("", format!("cannot install signal handlers: {e}")))?;
 
     let snapshot = source.load()?;
@@ -431,6 +431,8 @@ pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result
     for sig in signals.forever() {
         match sig {
             SIGHUP => gateway.reload(),
+            // Envoy reopens its access log files on SIGUSR1, after logrotate moves them.
+            SIGUSR1 => crate::access_log::reopen(),
             _ => {
                 log::info!("signal {sig}: draining for up to {drain_time:?}, then stopping");
                 gateway.manager.drain_all();

@@ -76,6 +76,10 @@ pub struct RequestCtx {
     /// Counts this request against the cluster's `max_requests`.
     request_slot: Option<Slot>,
     upstream_started: Option<Instant>,
+    /// Envoy's `%RESPONSE_FLAGS%` for the access log ("-" when none).
+    flags: &'static str,
+    /// Wall-clock start, for `%START_TIME%`.
+    start_time: Option<std::time::SystemTime>,
 }
 
 impl RequestCtx {
@@ -122,6 +126,9 @@ impl ProxyHttp for LegateProxy {
         ctx.snapshot = Some(snapshot);
         ctx.listener = Some(listener.clone());
         ctx.started = Some(Instant::now());
+        if !listener.hcm.access_logs.is_empty() {
+            ctx.start_time = Some(std::time::SystemTime::now());
+        }
         let hcm = &listener.hcm;
         hcm.stats
             .downstream_rq_total
@@ -167,6 +174,7 @@ impl ProxyHttp for LegateProxy {
                         .stats
                         .upstream_rq_pending_overflow
                         .fetch_add(1, Ordering::Relaxed);
+                    ctx.flags = "UO";
                     send_local_reply(session, ctx, overflow_reply()).await?;
                     return Ok(true);
                 };
@@ -423,6 +431,7 @@ impl ProxyHttp for LegateProxy {
     ) -> FailToProxy {
         let reply = error_reply(e, &ctx.attempts);
         let code = reply.as_ref().map_or(0, |r| r.status);
+        ctx.flags = response_flag(e, code);
         if code == 504 {
             if let Some(c) = &ctx.cluster {
                 c.stats.upstream_rq_timeout.fetch_add(1, Ordering::Relaxed);
@@ -466,9 +475,57 @@ impl ProxyHttp for LegateProxy {
             if status > 0 {
                 hcm.stats.response(status, started.elapsed());
             }
+            if !hcm.access_logs.is_empty() {
+                let record = access_record(session, ctx, status, started.elapsed());
+                crate::access_log::log(&hcm.access_logs, record);
+            }
         }
         ctx.active = None;
         ctx.request_slot = None;
+    }
+}
+
+/// What the access log needs from a finished request.
+fn access_record(
+    session: &Session,
+    ctx: &RequestCtx,
+    status: u16,
+    duration: Duration,
+) -> crate::access_log::Record {
+    let req = session.req_header();
+    let authority = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    let route_name = ctx
+        .matched()
+        .map(|m| m.route.name.clone())
+        .unwrap_or_default();
+    crate::access_log::Record {
+        start: ctx.start_time,
+        request_headers: req.headers.clone(),
+        method: req.method.to_string(),
+        path: req
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        authority: authority.to_string(),
+        response_headers: session
+            .response_written()
+            .map(|r| r.headers.clone())
+            .unwrap_or_default(),
+        status,
+        flags: if ctx.flags.is_empty() { "-" } else { ctx.flags },
+        bytes_received: session.body_bytes_read(),
+        bytes_sent: session.body_bytes_sent(),
+        duration,
+        upstream_host: ctx.host.as_ref().map(|h| h.address),
+        upstream_cluster: ctx.cluster.as_ref().map(|c| c.name.clone()),
+        remote: ctx.remote,
+        local: ctx.local,
+        route_name,
     }
 }
 
@@ -556,6 +613,7 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
     view.remote_ip = ctx.client_ip;
     let table = &listener.hcm.routes;
     let Some((v, r)) = table.route_index(&view) else {
+        ctx.flags = "NR";
         return Decision::Reply(LocalReply::new(404, ""));
     };
     ctx.route = Some((v, r));
@@ -589,6 +647,7 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         .and_then(|n| snapshot.and_then(|s| s.cluster(n)))
         .cloned()
     else {
+        ctx.flags = "NC";
         return Decision::Reply(LocalReply::new(action.cluster_not_found_status, ""));
     };
     let hash = if action.hash_policy.is_empty() {
@@ -597,6 +656,7 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         action.hash_policy.hash(&view)
     };
     let Some(host) = cluster.pick(hash) else {
+        ctx.flags = "UH";
         return Decision::Reply(LocalReply::new(503, NO_HEALTHY_UPSTREAM));
     };
     Decision::Forward {
@@ -660,6 +720,34 @@ async fn send_local_reply(
         session.write_response_body(Some(reply.body), true).await?;
     }
     Ok(())
+}
+
+/// Envoy's response flag for a request that failed upstream or downstream.
+fn response_flag(e: &Error, code: u16) -> &'static str {
+    if e.etype() == &NO_HOST {
+        return "UH";
+    }
+    match (e.esource(), e.etype()) {
+        (_, ErrorType::HTTPStatus(_)) => "-",
+        (ErrorSource::Upstream, _) if code == 504 => "UT",
+        (
+            _,
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::SocketError
+            | ErrorType::BindError,
+        ) => "UF",
+        (ErrorSource::Upstream, _) => "UC",
+        (ErrorSource::Downstream, ErrorType::ReadTimedout) => "DT",
+        (
+            ErrorSource::Downstream,
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+        ) => "DC",
+        (ErrorSource::Downstream, _) => "DPE",
+        _ => "-",
+    }
 }
 
 /// The local reply Envoy sends for an upstream failure; None when nothing can be sent.
