@@ -102,6 +102,25 @@ pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> R
         "/stats/prometheus",
     ];
     let path = uri.path();
+    let post_only = matches!(
+        path,
+        "/drain_listeners" | "/healthcheck/fail" | "/healthcheck/ok" | "/logging"
+    );
+    if post_only && method != hyper::Method::POST {
+        return reply(405, "text/plain", "use POST\n");
+    }
+    match path {
+        "/healthcheck/fail" => {
+            crate::filter::HEALTH_CHECK_FAILED.store(true, Ordering::Relaxed);
+            return reply(200, "text/plain", "OK\n");
+        }
+        "/healthcheck/ok" => {
+            crate::filter::HEALTH_CHECK_FAILED.store(false, Ordering::Relaxed);
+            return reply(200, "text/plain", "OK\n");
+        }
+        "/logging" => return set_log_level(uri),
+        _ => {}
+    }
     if path == "/drain_listeners" {
         if method != hyper::Method::POST {
             return reply(405, "text/plain", "use POST\n");
@@ -402,6 +421,40 @@ fn clusters_json(s: &Snapshot) -> Value {
         })
         .collect();
     json!({ "cluster_statuses": statuses })
+}
+
+/// `POST /logging?level=<level>`: legate has one logger, so Envoy's per-logger form
+/// (`?<name>=<level>`) is refused rather than half-applied.
+fn set_log_level(uri: &hyper::Uri) -> Resp {
+    let level =
+        match uri.query() {
+            None | Some("") => None,
+            Some(q) => match q.strip_prefix("level=") {
+                Some(l) if !l.contains('&') => match l {
+                    "trace" => Some(log::LevelFilter::Trace),
+                    "debug" => Some(log::LevelFilter::Debug),
+                    "info" => Some(log::LevelFilter::Info),
+                    "warning" | "warn" => Some(log::LevelFilter::Warn),
+                    "error" | "critical" => Some(log::LevelFilter::Error),
+                    "off" => Some(log::LevelFilter::Off),
+                    _ => return reply(400, "text/plain", format!("unknown level '{l}'\n")),
+                },
+                _ => return reply(
+                    400,
+                    "text/plain",
+                    "usage: POST /logging?level=<trace|debug|info|warning|error|critical|off>\n",
+                ),
+            },
+        };
+    if let Some(l) = level {
+        log::set_max_level(l);
+    }
+    let current = log::max_level().to_string().to_ascii_lowercase();
+    reply(
+        200,
+        "text/plain",
+        format!("active loggers:\n  legate: {current}\n"),
+    )
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 
 use std::fmt::Debug;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck as HealthCheckProto;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_filter::ConfigType, HttpFilter as HttpFilterProto,
@@ -12,8 +15,15 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use crate::config::error::{index, join, Errors};
 use crate::config::load::unpack_any;
 use crate::reject_set;
+use crate::route::matcher::HeaderMatcher;
+use crate::route::request::RequestView;
 
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+const HEALTH_CHECK: &str = "envoy.extensions.filters.http.health_check.v3.HealthCheck";
+
+/// Set by the admin `POST /healthcheck/fail`, cleared by `/healthcheck/ok`: process-wide,
+/// as in Envoy, so load balancers in front can take this instance out before a restart.
+pub static HEALTH_CHECK_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// What a filter decided about a request.
 #[derive(Debug)]
@@ -96,6 +106,24 @@ impl FilterChain {
                 chain.router = convert_router(&router, &join(&at, "typed_config"), errs);
                 continue;
             }
+            if type_name == Some(HEALTH_CHECK) {
+                if *disabled {
+                    errs.add(join(&at, "disabled"), "not supported");
+                }
+                if let Some(a) = any {
+                    match unpack_any::<HealthCheckProto>(a, HEALTH_CHECK, &at) {
+                        Ok(hc) => {
+                            if let Some(f) =
+                                HealthCheckFilter::convert(&hc, &join(&at, "typed_config"), errs)
+                            {
+                                chain.filters.push(Box::new(f));
+                            }
+                        }
+                        Err(e) => errs.extend(e),
+                    }
+                }
+                continue;
+            }
             if *is_optional {
                 log::warn!(
                     "{at}: optional HTTP filter '{name}' is not available in legate; skipped"
@@ -146,5 +174,73 @@ fn convert_router(r: &Router, at: &str, errs: &mut Errors) -> RouterConfig {
     );
     RouterConfig {
         suppress_envoy_headers: *suppress_envoy_headers,
+    }
+}
+
+/// `envoy.filters.http.health_check` without pass-through: requests matching `headers` are
+/// answered here, 200 normally and 503 after `POST /healthcheck/fail`.
+#[derive(Debug)]
+pub struct HealthCheckFilter {
+    headers: Vec<HeaderMatcher>,
+}
+
+impl HealthCheckFilter {
+    fn convert(h: &HealthCheckProto, at: &str, errs: &mut Errors) -> Option<Self> {
+        let HealthCheckProto {
+            pass_through_mode,
+            cache_time,
+            cluster_min_healthy_percentages,
+            headers,
+        } = h;
+        reject_set!(errs, at, cache_time, cluster_min_healthy_percentages);
+        match pass_through_mode {
+            None => errs.add(join(at, "pass_through_mode"), "required"),
+            Some(b) if b.value => errs.add(
+                join(at, "pass_through_mode"),
+                "pass-through health checking is not supported; set false",
+            ),
+            Some(_) => {}
+        }
+        let headers = headers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| HeaderMatcher::convert(m, &index(&join(at, "headers"), i), errs))
+            .collect();
+        Some(HealthCheckFilter { headers })
+    }
+}
+
+impl HttpFilter for HealthCheckFilter {
+    fn name(&self) -> &str {
+        "envoy.filters.http.health_check"
+    }
+
+    fn on_request_headers(&self, req: &mut RequestHeader) -> FilterDecision {
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let view = RequestView::new(req.method.as_str(), path, host, "http", &req.headers);
+        if !self.headers.iter().all(|m| m.matches(&view)) {
+            return FilterDecision::Continue;
+        }
+        let status = if HEALTH_CHECK_FAILED.load(Ordering::Relaxed) {
+            503
+        } else {
+            200
+        };
+        FilterDecision::Respond {
+            status,
+            body: String::new(),
+        }
+    }
+
+    /// Envoy marks every response of a failing server so upstream Envoys eject it at once.
+    fn on_response_headers(&self, resp: &mut ResponseHeader) {
+        if HEALTH_CHECK_FAILED.load(Ordering::Relaxed) {
+            let _ = resp.insert_header("x-envoy-immediate-health-check-fail", "true");
+        }
     }
 }

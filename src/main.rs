@@ -52,8 +52,21 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let env = env_logger::Env::default().default_filter_or(args.log_level.as_str());
-    env_logger::Builder::from_env(env).init();
+    let plain_level: Option<log::LevelFilter> = args.log_level.parse().ok();
+    match plain_level {
+        // The logger passes everything and log's max level gates it, so the admin's
+        // `POST /logging?level=` can raise or lower it at runtime.
+        Some(level) if std::env::var_os("RUST_LOG").is_none() => {
+            env_logger::Builder::new()
+                .filter_level(log::LevelFilter::Trace)
+                .init();
+            log::set_max_level(level);
+        }
+        _ => {
+            let env = env_logger::Env::default().default_filter_or(args.log_level.as_str());
+            env_logger::Builder::from_env(env).init();
+        }
+    }
 
     let source = match &args.config {
         Some(p) => ConfigSource::File(p.clone()),
