@@ -16,7 +16,9 @@ pub const BUCKETS_MS: [f64; 19] = [
 
 #[derive(Debug, Default)]
 pub struct Histogram {
-    buckets: [AtomicU64; 19],
+    /// Per-bucket (not cumulative) counts, so a sample costs one atomic add, not one per
+    /// bucket at or above it; the last slot counts samples above every bound.
+    buckets: [AtomicU64; 20],
     count: AtomicU64,
     /// Sum in microseconds (reported in ms).
     sum_us: AtomicU64,
@@ -25,23 +27,25 @@ pub struct Histogram {
 impl Histogram {
     pub fn record(&self, d: Duration) {
         let ms = d.as_secs_f64() * 1000.0;
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let i = BUCKETS_MS.partition_point(|b| *b < ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// (cumulative bucket counts, count, sum in ms).
+    /// (cumulative bucket counts for `BUCKETS_MS`, count, sum in ms).
     pub fn read(&self) -> (Vec<u64>, u64, f64) {
+        let mut total = 0;
+        let cumulative = self.buckets[..BUCKETS_MS.len()]
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
         (
-            self.buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .collect(),
+            cumulative,
             self.count.load(Ordering::Relaxed),
             self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
         )
@@ -410,4 +414,24 @@ pub fn prometheus(stats: &[Stat]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_reads_cumulative_buckets_like_envoy() {
+        let h = Histogram::default();
+        for us in [300, 500, 900, 4_000, 7_200_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let (buckets, count, sum_ms) = h.read();
+        // 0.5 ms holds 300 µs and 500 µs (bounds are inclusive); 1 ms adds 900 µs; 5 ms
+        // adds 4 ms; the two-hour sample is above every bound and only in the count.
+        assert_eq!(&buckets[..4], &[2, 3, 4, 4]);
+        assert_eq!(buckets[BUCKETS_MS.len() - 1], 4);
+        assert_eq!(count, 5);
+        assert!((sum_ms - 7_200_005.7).abs() < 1e-6, "{sum_ms}");
+    }
 }
