@@ -295,6 +295,39 @@ async fn serve_connection(
     }
 }
 
+/// Envoy's `cluster_manager.cluster_added|modified|removed` and the `listener_manager`
+/// equivalents: by name, modified meaning the source resource changed.
+fn count_changes(old: Option<&Snapshot>, new: &Snapshot) {
+    fn count<T: PartialEq>(
+        old: &HashMap<&str, &T>,
+        new: &HashMap<&str, &T>,
+        [added, modified, removed]: [&std::sync::atomic::AtomicU64; 3],
+    ) {
+        for (name, now) in new {
+            match old.get(name) {
+                None => added.fetch_add(1, Ordering::Relaxed),
+                Some(before) if before != now => modified.fetch_add(1, Ordering::Relaxed),
+                Some(_) => 0,
+            };
+        }
+        let gone = old.keys().filter(|n| !new.contains_key(*n)).count();
+        removed.fetch_add(gone as u64, Ordering::Relaxed);
+    }
+    let s = crate::stats::server();
+    let empty = (HashMap::new(), HashMap::new());
+    let (old_c, old_l) = old.map_or(empty, |o| (o.cluster_sources(), o.listener_sources()));
+    count(
+        &old_c,
+        &new.cluster_sources(),
+        [&s.cluster_added, &s.cluster_modified, &s.cluster_removed],
+    );
+    count(
+        &old_l,
+        &new.listener_sources(),
+        [&s.listener_added, &s.listener_modified, &s.listener_removed],
+    );
+}
+
 /// The running gateway: what serves now, and how a new configuration is put in place.
 struct Gateway {
     source: ConfigSource,
@@ -321,6 +354,7 @@ impl Gateway {
             self.shared.store(old);
             return Err(e);
         }
+        count_changes(Some(&old), &new);
         Ok(())
     }
 
@@ -397,6 +431,7 @@ pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result
         c.start_background(&control);
     }
     wait_for_initial_health_checks(&snapshot);
+    count_changes(None, &snapshot);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let manager = ListenerManager::new(threads, shared.clone())
         .map_err(|e| ConfigErrors::one("", format!("cannot start workers: {e}")))?;

@@ -12,6 +12,7 @@ use crate::config::error::{index, join, ConfigErrors, Errors};
 use crate::listener::{Listener, Rds};
 use crate::reject_set;
 use crate::xds::{Dynamic, XdsConfig};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
@@ -35,6 +36,32 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Each cluster's source proto by name: static ones, then those from CDS.
+    pub fn cluster_sources(&self) -> HashMap<&str, &ClusterProto> {
+        let statics = self
+            .bootstrap
+            .static_resources
+            .iter()
+            .flat_map(|s| &s.clusters);
+        statics
+            .chain(self.dynamic.clusters.values())
+            .map(|c| (c.name.as_str(), c))
+            .collect()
+    }
+
+    /// Each listener's source proto by name: static ones, then those from LDS.
+    pub fn listener_sources(&self) -> HashMap<&str, &ListenerProto> {
+        let statics = self
+            .bootstrap
+            .static_resources
+            .iter()
+            .flat_map(|s| &s.listeners);
+        statics
+            .chain(self.dynamic.listeners.values())
+            .map(|l| (l.name.as_str(), l))
+            .collect()
+    }
+
     pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
         self.listener_index
             .get(name)

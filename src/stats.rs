@@ -108,6 +108,12 @@ pub struct ServerStats {
     pub lds_update_rejected: AtomicU64,
     pub rds_update_success: AtomicU64,
     pub rds_update_rejected: AtomicU64,
+    pub cluster_added: AtomicU64,
+    pub cluster_modified: AtomicU64,
+    pub cluster_removed: AtomicU64,
+    pub listener_added: AtomicU64,
+    pub listener_modified: AtomicU64,
+    pub listener_removed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -272,6 +278,16 @@ pub fn collect(extra_gauges: Vec<GaugeValue>) -> Vec<Stat> {
         "server.config_reload",
         load(&s.config_reload_success),
     ));
+    for (name, v) in [
+        ("cluster_manager.cluster_added", &s.cluster_added),
+        ("cluster_manager.cluster_modified", &s.cluster_modified),
+        ("cluster_manager.cluster_removed", &s.cluster_removed),
+        ("listener_manager.listener_added", &s.listener_added),
+        ("listener_manager.listener_modified", &s.listener_modified),
+        ("listener_manager.listener_removed", &s.listener_removed),
+    ] {
+        out.push(plain(name, load(v)));
+    }
     out.push(plain(
         "server.config_reload_rejected",
         load(&s.config_reload_rejected),

@@ -42,9 +42,11 @@ fn ten_requests_three_retried_counted_exactly() {
         assert_eq!(get(port, "/", "w").status, 200);
     }
     assert_eq!(get(port, "/nothing", "other").status, 200);
-    eventually(5, "the last request logged", || {
+    // The last response is counted, and its connection closed, just after the client has it.
+    eventually(5, "the last request logged and its connection closed", || {
         let text = get(admin, "/stats", "admin").body;
         text.contains("http.main.downstream_rq_2xx: 11")
+            && text.contains("http.main.downstream_cx_active: 0")
     });
     let text = get(admin, "/stats", "admin").body;
     for line in [
@@ -130,4 +132,68 @@ fn ten_requests_three_retried_counted_exactly() {
         .lines()
         .any(|l| l == "http.main.downstream_cx_active: 1"));
     drop(held);
+}
+
+#[test]
+fn cluster_and_listener_changes_are_counted_across_reloads() {
+    let a = Upstream::start("a");
+    let (port, port2, admin) = (free_port(), free_port(), free_port());
+    let admin_yaml = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\n"
+    );
+    let route = "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: c}\n";
+    let first = format!(
+        "{admin_yaml}{}",
+        bootstrap(
+            &[listener_yaml("main", port, route, "")],
+            &[
+                cluster_yaml("c", &[a.port()], ""),
+                cluster_yaml("old", &[a.port()], "")
+            ],
+        )
+    );
+    let l = Legate::start(&first, port);
+    wait_for_port(admin, None);
+    let counts = || {
+        let s = scrape(admin);
+        [
+            "envoy_cluster_manager_cluster_added",
+            "envoy_cluster_manager_cluster_modified",
+            "envoy_cluster_manager_cluster_removed",
+            "envoy_listener_manager_listener_added",
+            "envoy_listener_manager_listener_modified",
+            "envoy_listener_manager_listener_removed",
+        ]
+        .map(|m| value(&s, m, &[]) as u64)
+    };
+    assert_eq!(counts(), [2, 0, 0, 1, 0, 0]);
+
+    // Same file again: nothing changed.
+    l.signal("HUP");
+    eventually(10, "reload counted", || {
+        value(&scrape(admin), "envoy_server_config_reload", &[]) == 1.0
+    });
+    assert_eq!(counts(), [2, 0, 0, 1, 0, 0]);
+
+    // `c` modified, `old` removed, `new` added; `main` modified, `second` added.
+    let second = format!(
+        "{admin_yaml}{}",
+        bootstrap(
+            &[
+                listener_yaml("main", port, route, "via: legate-test"),
+                listener_yaml("second", port2, route, ""),
+            ],
+            &[
+                cluster_yaml("c", &[a.port()], "lb_policy: RANDOM"),
+                cluster_yaml("new", &[a.port()], ""),
+            ],
+        )
+    );
+    l.rewrite_config(&second);
+    l.signal("HUP");
+    eventually(10, "second reload counted", || {
+        value(&scrape(admin), "envoy_server_config_reload", &[]) == 2.0
+    });
+    assert_eq!(counts(), [3, 1, 1, 2, 1, 0]);
+    assert_eq!(get(port2, "/", "x").status, 200);
 }
