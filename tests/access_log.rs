@@ -49,6 +49,7 @@ fn bootstrap_for(port: u16, up: u16, log: &Path, format: &str) -> String {
         )],
         &[
             cluster_yaml("c", &[up], ""),
+            // Never the gateway's own port (free_port does not repeat), or `/dead` would loop.
             cluster_yaml("dead", &[free_port()], ""),
         ],
     )

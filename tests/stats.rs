@@ -43,11 +43,15 @@ fn ten_requests_three_retried_counted_exactly() {
     }
     assert_eq!(get(port, "/nothing", "other").status, 200);
     // The last response is counted, and its connection closed, just after the client has it.
-    eventually(5, "the last request logged and its connection closed", || {
-        let text = get(admin, "/stats", "admin").body;
-        text.contains("http.main.downstream_rq_2xx: 11")
-            && text.contains("http.main.downstream_cx_active: 0")
-    });
+    eventually(
+        5,
+        "the last request logged and its connection closed",
+        || {
+            let text = get(admin, "/stats", "admin").body;
+            text.contains("http.main.downstream_rq_2xx: 11")
+                && text.contains("http.main.downstream_cx_active: 0")
+        },
+    );
     let text = get(admin, "/stats", "admin").body;
     for line in [
         "cluster.c.upstream_rq_total: 14",

@@ -178,12 +178,22 @@ async fn answer(
 }
 
 /// A free loopback port (bound and released; good enough on a test machine).
+/// A port free right now and never handed out before in this test process, so a test's
+/// "dead" upstream port cannot be the same as its gateway's listener.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn legate_bin() -> PathBuf {
