@@ -58,9 +58,9 @@ pub fn start(
 ) -> std::io::Result<()> {
     let listener = {
         let _enter = rt.enter();
-        let std_listener = std::net::TcpListener::bind(addr)?;
-        std_listener.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(std_listener)?
+        // SO_REUSEPORT, like the listeners: during a SIGQUIT upgrade the old and the new
+        // process both answer until the old one exits.
+        crate::server::bind(addr)?
     };
     println!("legate: admin on http://{addr}");
     rt.spawn(async move {

@@ -48,6 +48,15 @@ struct Args {
     /// process exits (Envoy's --drain-time-s).
     #[arg(long = "drain-time-s", default_value_t = 600)]
     drain_time_s: u64,
+
+    /// Graceful upgrade (Pingora's): take the listening sockets from the running legate,
+    /// which hands them over and drains when it gets SIGQUIT.
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+
+    /// The unix socket the listening sockets pass through during an upgrade.
+    #[arg(long, value_name = "PATH", default_value = "/tmp/legate_upgrade.sock")]
+    upgrade_sock: String,
 }
 
 fn main() -> ExitCode {
@@ -89,11 +98,12 @@ fn main() -> ExitCode {
     let threads = args
         .concurrency
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match run(
-        source,
-        threads,
-        std::time::Duration::from_secs(args.drain_time_s),
-    ) {
+    let life = legate::server::Lifecycle {
+        drain_time: std::time::Duration::from_secs(args.drain_time_s),
+        upgrade: args.upgrade,
+        upgrade_sock: args.upgrade_sock.clone(),
+    };
+    match run(source, threads, life) {
         Ok(()) => ExitCode::SUCCESS,
         Err(errors) => {
             eprintln!("legate: configuration rejected:");

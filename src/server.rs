@@ -61,6 +61,8 @@ type App = HttpProxy<LegateProxy>;
 /// sender tells its open connections to finish their current request and close.
 struct Running {
     address: SocketAddr,
+    /// The workers' listening sockets, handed to a new process on SIGQUIT.
+    fds: Vec<std::os::fd::RawFd>,
     stop: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
 }
@@ -125,9 +127,10 @@ impl ListenerManager {
                 // connections over the workers. Registering a socket needs its worker's
                 // context (entered, not block_on, so this also works from another runtime).
                 let mut sockets = Vec::new();
-                for w in &self.workers {
+                for (i, w) in self.workers.iter().enumerate() {
                     let _enter = w.enter();
-                    let l = bind(*addr)
+                    let l = inherited(*addr, i)
+                        .unwrap_or_else(|| bind(*addr))
                         .map_err(|e| format!("listener '{name}' cannot bind {addr}: {e}"))?;
                     sockets.push(l);
                 }
@@ -177,6 +180,10 @@ impl ListenerManager {
                 .iter()
                 .find(|l| l.name == name)
                 .map(|l| l.hcm.stats.clone());
+            let fds = sockets
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect();
             for (w, listener) in self.workers.iter().zip(sockets) {
                 w.spawn(accept_loop(
                     listener,
@@ -191,6 +198,7 @@ impl ListenerManager {
                 name,
                 Running {
                     address: addr,
+                    fds,
                     stop: stop_tx,
                     shutdown: shutdown_tx,
                 },
@@ -201,6 +209,27 @@ impl ListenerManager {
 }
 
 impl ListenerManager {
+    /// SIGQUIT: hands every listening socket to the new process waiting on `sock`.
+    fn send_listeners(&self, sock: &str) -> Result<usize, String> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fds = pingora::server::Fds::new();
+        for r in running.values() {
+            for (i, fd) in r.fds.iter().enumerate() {
+                fds.add(upgrade_key(r.address, i), *fd);
+            }
+        }
+        // Pingora's transfer carries at most 32 descriptors and 2 KiB of names.
+        let (names, raw) = fds.serialize();
+        if raw.len() > 32 || names.iter().map(|n| n.len() + 1).sum::<usize>() > 2048 {
+            return Err(format!(
+                "{} listening sockets (listeners x workers) are more than an upgrade can pass (32)",
+                raw.len()
+            ));
+        }
+        fds.send_to_sock(sock)
+            .map_err(|e| format!("cannot hand listeners to {sock}: {e}"))
+    }
+
     /// Stops every listener; open connections finish the request in flight and close.
     fn drain_all(&self) {
         DRAINING.store(true, Ordering::Relaxed);
@@ -213,7 +242,66 @@ impl ListenerManager {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// Listening sockets received from the previous process (`--upgrade`), by "addr#worker",
+/// and the names of those a listener has taken.
+type Inherited = (pingora::server::Fds, std::collections::HashSet<String>);
+static INHERITED: Mutex<Option<Inherited>> = Mutex::new(None);
+
+fn upgrade_key(addr: SocketAddr, worker: usize) -> String {
+    format!("{addr}#{worker}")
+}
+
+/// Takes the previous process's socket for this address and worker, if it sent one.
+fn inherited(addr: SocketAddr, worker: usize) -> Option<std::io::Result<tokio::net::TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let mut guard = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    let (fds, claimed) = guard.as_mut()?;
+    let key = upgrade_key(addr, worker);
+    let fd = *fds.get(&key)?;
+    if !claimed.insert(key) {
+        return None;
+    }
+    // SAFETY: the fd came over SCM_RIGHTS for this process alone and is claimed once.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    log::info!("listener on {addr} (worker {worker}): socket taken over from the previous process");
+    Some(
+        std.set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std)),
+    )
+}
+
+/// `--upgrade`: waits on `sock` for the running legate's listening sockets (sent when it
+/// gets SIGQUIT), as Pingora's graceful upgrade does.
+pub fn receive_listeners(sock: &str) -> Result<(), String> {
+    // Pingora's receiver panics on a path it cannot bind; check what can be checked first.
+    let parent = std::path::Path::new(sock)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if sock.len() >= 108 || !parent.is_dir() {
+        return Err(format!(
+            "--upgrade-sock {sock}: needs an existing directory and under 108 bytes"
+        ));
+    }
+    let mut fds = pingora::server::Fds::new();
+    fds.get_from_sock(sock)
+        .map_err(|e| format!("no listening sockets received on {sock}: {e}"))?;
+    *INHERITED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fds, Default::default()));
+    Ok(())
+}
+
+/// Closes inherited sockets no listener claimed: an unclaimed SO_REUSEPORT socket would
+/// still get connections and never accept them.
+fn close_unclaimed_inherited() {
+    let mut guard = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((mut fds, claimed)) = guard.take() {
+        for addr in fds.close_unclaimed(&claimed) {
+            log::info!("inherited socket {addr} not in the config; closed");
+        }
+    }
+}
+
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -418,11 +506,32 @@ fn needs(s: &Snapshot) -> Needs {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT. Never returns on success.
-pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result<(), ConfigErrors> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+/// Stops accepting, lets open connections finish (up to `drain_time`), and exits 0.
+fn drain_and_exit(gateway: &Gateway, drain_time: Duration) -> ! {
+    gateway.manager.drain_all();
+    let deadline = std::time::Instant::now() + drain_time;
+    while crate::stats::active_connections() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::process::exit(0);
+}
+
+/// How the process starts and hands over: `--upgrade` and `--upgrade-sock`.
+pub struct Lifecycle {
+    pub drain_time: Duration,
+    /// Take the listening sockets from the running process instead of binding.
+    pub upgrade: bool,
+    /// Where the sockets are passed (SIGQUIT in the old process sends them there).
+    pub upgrade_sock: String,
+}
+
+pub fn run(source: ConfigSource, threads: usize, life: Lifecycle) -> Result<(), ConfigErrors> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+    let drain_time = life.drain_time;
     // The default action of SIGHUP ends the process; take it over before anything else.
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])
-        .map_err(|e| ConfigErrors::one("", format!("cannot install signal handlers: {e}")))?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGQUIT])
+            .map_err(|e| ConfigErrors::one("", format!("cannot install signal handlers: {e}")))?;
 
     let snapshot = source.load()?;
     let control = control_runtime()
@@ -435,9 +544,17 @@ pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let manager = ListenerManager::new(threads, shared.clone())
         .map_err(|e| ConfigErrors::one("", format!("cannot start workers: {e}")))?;
+    if life.upgrade {
+        println!(
+            "legate: waiting on {} for the running process's listeners (send it SIGQUIT)",
+            life.upgrade_sock
+        );
+        receive_listeners(&life.upgrade_sock).map_err(|e| ConfigErrors::one("", e))?;
+    }
     manager
         .apply(&shared.load())
         .map_err(|e| ConfigErrors::one("", e))?;
+    close_unclaimed_inherited();
     println!("legate: config from {}", source.describe());
     let gateway = Arc::new(Gateway {
         source,
@@ -468,15 +585,18 @@ pub fn run(source: ConfigSource, threads: usize, drain_time: Duration) -> Result
             SIGHUP => gateway.reload(),
             // Envoy reopens its access log files on SIGUSR1, after logrotate moves them.
             SIGUSR1 => crate::access_log::reopen(),
+            // Pingora's graceful upgrade: the new process (started with --upgrade) gets the
+            // listening sockets, so no connection is refused; this one then drains.
+            SIGQUIT => match gateway.manager.send_listeners(&life.upgrade_sock) {
+                Ok(_) => {
+                    log::info!("listeners handed to the new process; draining");
+                    drain_and_exit(&gateway, drain_time);
+                }
+                Err(e) => log::error!("SIGQUIT: {e}; still serving"),
+            },
             _ => {
                 log::info!("signal {sig}: draining for up to {drain_time:?}, then stopping");
-                gateway.manager.drain_all();
-                let deadline = std::time::Instant::now() + drain_time;
-                while crate::stats::active_connections() > 0 && std::time::Instant::now() < deadline
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                std::process::exit(0);
+                drain_and_exit(&gateway, drain_time);
             }
         }
     }

@@ -56,3 +56,82 @@ fn drain_listeners_stops_accepting_and_ready_reports_draining() {
     let r = get(admin, "/ready", "admin");
     assert_eq!((r.status, r.body.as_str()), (503, "DRAINING\n"));
 }
+
+/// Inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp).
+fn listening_inodes(port: u16) -> Vec<String> {
+    let local = format!("0100007F:{port:04X}");
+    let mut inodes: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|s| s.to_string()))
+                .flatten()
+        })
+        .collect();
+    inodes.sort();
+    inodes
+}
+
+#[test]
+fn sigquit_hands_the_listening_sockets_to_the_new_process() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = one_route_bootstrap(port, "", &[a.port()], "");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let sock_arg = sock.to_str().unwrap();
+    // Both processes are told the same socket path, as Pingora's upgrade_sock setting.
+    let mut old = Legate::spawn_with(&yaml, &["--upgrade-sock", sock_arg]);
+    wait_for_port(port, Some(&mut old.child));
+    let before = listening_inodes(port);
+    assert_eq!(before.len(), 2, "one socket per worker");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = std::panic::catch_unwind(|| get(port, "/", "w").status);
+                match r {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+
+    let mut new = Legate::spawn_with(&yaml, &["--upgrade", "--upgrade-sock", sock_arg]);
+    eventually(10, "the new process waiting for sockets", || sock.exists());
+    old.signal("QUIT");
+    assert_eq!(old.wait_exit(10), Some(0));
+    let served_by_old = ok.load(Ordering::Relaxed);
+    eventually(10, "requests served by the new process", || {
+        ok.load(Ordering::Relaxed) > served_by_old + 50
+    });
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request refused or failed"
+    );
+    assert_eq!(
+        listening_inodes(port),
+        before,
+        "the same sockets, not new binds"
+    );
+    assert_eq!(get(port, "/", "w").status, 200);
+    assert_eq!(
+        new.child.try_wait().unwrap(),
+        None,
+        "the new process keeps serving"
+    );
+}

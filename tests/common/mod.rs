@@ -230,6 +230,39 @@ impl Legate {
         l
     }
 
+    /// Starts `legate -c` on `yaml` with extra arguments, without waiting for anything.
+    pub fn spawn_with(yaml: &str, args: &[&str]) -> Legate {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bootstrap.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(legate_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "2", "--log-level", "warn"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start legate");
+        Legate {
+            child,
+            config,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "legate did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn wait_ready(&mut self, port: u16) {
         wait_for_port(port, Some(&mut self.child));
     }
