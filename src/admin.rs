@@ -164,22 +164,19 @@ pub fn handle(state: &AdminState, method: &hyper::Method, uri: &hyper::Uri) -> R
                 reply(200, "text/plain", clusters_text(&snapshot))
             }
         }
-        "/stats" => reply(
-            200,
-            "text/plain",
-            crate::stats::text(&all_stats(&state.snapshot.load())),
-        ),
+        "/stats" => reply(200, "text/plain", crate::stats::text(&all_stats(state))),
         "/stats/prometheus" => reply(
             200,
             "text/plain; version=0.0.4",
-            crate::stats::prometheus(&all_stats(&state.snapshot.load())),
+            crate::stats::prometheus(&all_stats(state)),
         ),
         _ => reply(404, "text/plain", "unknown admin path\n"),
     }
 }
 
 /// Counters from the registry plus gauges read from the current snapshot.
-fn all_stats(s: &Snapshot) -> Vec<crate::stats::Stat> {
+fn all_stats(state: &AdminState) -> Vec<crate::stats::Stat> {
+    let s = &*state.snapshot.load();
     let mut gauges = Vec::new();
     for (name, c) in &s.clusters {
         let members = c.members();
@@ -214,6 +211,25 @@ fn all_stats(s: &Snapshot) -> Vec<crate::stats::Stat> {
         vec![],
         s.listeners.len() as u64,
     ));
+    // Envoy's server.state values: 0 LIVE, 1 DRAINING, 2 PRE_INITIALIZING.
+    let server_state = server_state(state);
+    let state_code = match server_state {
+        "LIVE" => 0,
+        "DRAINING" => 1,
+        _ => 2,
+    };
+    for (name, v) in [
+        ("server.live", u64::from(server_state == "LIVE")),
+        ("server.state", state_code),
+        ("server.uptime", state.started.elapsed().as_secs()),
+    ] {
+        gauges.push((
+            name.into(),
+            format!("envoy_{}", name.replace('.', "_")),
+            vec![],
+            v,
+        ));
+    }
     crate::stats::collect(gauges)
 }
 

@@ -171,6 +171,9 @@ fn cluster_and_listener_changes_are_counted_across_reloads() {
         .map(|m| value(&s, m, &[]) as u64)
     };
     assert_eq!(counts(), [2, 0, 0, 1, 0, 0]);
+    let s = scrape(admin);
+    assert_eq!(value(&s, "envoy_server_live", &[]), 1.0);
+    assert_eq!(value(&s, "envoy_server_state", &[]), 0.0);
 
     // Same file again: nothing changed.
     l.signal("HUP");
