@@ -452,7 +452,8 @@ fn render(t: &Template, r: &Record) -> String {
 }
 
 enum Message {
-    Line(Logger, Box<Record>),
+    /// One request's record, for each of its HCM's loggers.
+    Lines(Arc<[Logger]>, Box<Record>),
     Reopen,
 }
 
@@ -469,18 +470,8 @@ fn writer() -> &'static Sender<Message> {
 }
 
 /// Hands a finished request's record to every logger, off the request path.
-pub fn log(loggers: &[Logger], record: Record) {
-    let tx = writer();
-    let n = loggers.len();
-    let mut record = Some(record);
-    for (i, l) in loggers.iter().enumerate() {
-        let r = if i + 1 == n {
-            record.take().unwrap_or_default()
-        } else {
-            record.clone().unwrap_or_default()
-        };
-        let _ = tx.send(Message::Line(l.clone(), Box::new(r)));
-    }
+pub fn log(loggers: &Arc<[Logger]>, record: Record) {
+    let _ = writer().send(Message::Lines(loggers.clone(), Box::new(record)));
 }
 
 /// Reopens every log file (SIGUSR1, after rotation).
@@ -507,26 +498,28 @@ fn write_loop(rx: Receiver<Message>) {
                     }
                     files.clear();
                 }
-                Message::Line(logger, record) => {
-                    let line = render(&logger.template, &record);
-                    match &logger.sink {
-                        Sink::Stdout => {
-                            let _ = std::io::stdout().write_all(line.as_bytes());
-                        }
-                        Sink::Stderr => {
-                            let _ = std::io::stderr().write_all(line.as_bytes());
-                        }
-                        Sink::File(p) => {
-                            if !files.contains_key(p) {
-                                match open(p) {
-                                    Ok(f) => {
-                                        files.insert(p.clone(), f);
-                                    }
-                                    Err(e) => log::error!("access log {p}: {e}"),
-                                }
+                Message::Lines(loggers, record) => {
+                    for logger in loggers.iter() {
+                        let line = render(&logger.template, &record);
+                        match &logger.sink {
+                            Sink::Stdout => {
+                                let _ = std::io::stdout().write_all(line.as_bytes());
                             }
-                            if let Some(f) = files.get_mut(p) {
-                                let _ = f.write_all(line.as_bytes());
+                            Sink::Stderr => {
+                                let _ = std::io::stderr().write_all(line.as_bytes());
+                            }
+                            Sink::File(p) => {
+                                if !files.contains_key(p) {
+                                    match open(p) {
+                                        Ok(f) => {
+                                            files.insert(p.clone(), f);
+                                        }
+                                        Err(e) => log::error!("access log {p}: {e}"),
+                                    }
+                                }
+                                if let Some(f) = files.get_mut(p) {
+                                    let _ = f.write_all(line.as_bytes());
+                                }
                             }
                         }
                     }

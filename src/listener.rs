@@ -85,7 +85,7 @@ pub struct HttpConnectionManager {
     pub internal_addresses: InternalAddresses,
     /// `http.<stat_prefix>.*` counters, shared across configurations.
     pub stats: std::sync::Arc<crate::stats::HttpStats>,
-    pub access_logs: Vec<crate::access_log::Logger>,
+    pub access_logs: std::sync::Arc<[crate::access_log::Logger]>,
 }
 
 /// Addresses whose requests count as internal (trusted with `x-envoy-*` headers).
@@ -425,7 +425,7 @@ fn convert_hcm(
         add_proxy_protocol_connection_state,
         forward_proto_config,
     );
-    let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs);
+    let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs).into();
     if normalize_path.is_some_and(|b| b.value) {
         errs.add(join(at, "normalize_path"), "not supported");
     }
