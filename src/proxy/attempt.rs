@@ -57,12 +57,16 @@ impl Attempts {
     }
 
     /// What Envoy puts in `x-envoy-expected-rq-timeout-ms`: the per-try timeout, or the
-    /// route timeout less the whole milliseconds already spent.
+    /// route timeout, less the whole milliseconds already spent on a retry (Envoy's router
+    /// passes 0 elapsed for the first try).
     pub fn expected_timeout(&self, now: Instant) -> Option<Duration> {
         if let Some(t) = self.per_try_timeout() {
             return Some(t);
         }
         let timeout = self.timeout?;
+        if self.count <= 1 {
+            return Some(timeout);
+        }
         let spent_ms = self
             .started
             .map_or(0, |s| now.saturating_duration_since(s).as_millis() as u64);
