@@ -274,56 +274,32 @@ pub fn collect(extra_gauges: Vec<GaugeValue>) -> Vec<Stat> {
         tags: vec![],
         value: v,
     };
-    out.push(plain(
-        "server.config_reload",
-        load(&s.config_reload_success),
-    ));
     for (name, v) in [
+        ("server.config_reload", &s.config_reload_success),
+        ("server.config_reload_rejected", &s.config_reload_rejected),
         ("cluster_manager.cluster_added", &s.cluster_added),
         ("cluster_manager.cluster_modified", &s.cluster_modified),
         ("cluster_manager.cluster_removed", &s.cluster_removed),
         ("listener_manager.listener_added", &s.listener_added),
         ("listener_manager.listener_modified", &s.listener_modified),
         ("listener_manager.listener_removed", &s.listener_removed),
+        ("cluster_manager.cds.update_success", &s.cds_update_success),
+        (
+            "cluster_manager.cds.update_rejected",
+            &s.cds_update_rejected,
+        ),
+        ("cluster.eds.update_success", &s.eds_update_success),
+        ("cluster.eds.update_rejected", &s.eds_update_rejected),
+        ("listener_manager.lds.update_success", &s.lds_update_success),
+        (
+            "listener_manager.lds.update_rejected",
+            &s.lds_update_rejected,
+        ),
+        ("http.rds.update_success", &s.rds_update_success),
+        ("http.rds.update_rejected", &s.rds_update_rejected),
     ] {
         out.push(plain(name, load(v)));
     }
-    out.push(plain(
-        "server.config_reload_rejected",
-        load(&s.config_reload_rejected),
-    ));
-    out.push(plain(
-        "cluster_manager.cds.update_success",
-        load(&s.cds_update_success),
-    ));
-    out.push(plain(
-        "cluster_manager.cds.update_rejected",
-        load(&s.cds_update_rejected),
-    ));
-    out.push(plain(
-        "cluster.eds.update_success",
-        load(&s.eds_update_success),
-    ));
-    out.push(plain(
-        "cluster.eds.update_rejected",
-        load(&s.eds_update_rejected),
-    ));
-    out.push(plain(
-        "listener_manager.lds.update_success",
-        load(&s.lds_update_success),
-    ));
-    out.push(plain(
-        "listener_manager.lds.update_rejected",
-        load(&s.lds_update_rejected),
-    ));
-    out.push(plain(
-        "http.rds.update_success",
-        load(&s.rds_update_success),
-    ));
-    out.push(plain(
-        "http.rds.update_rejected",
-        load(&s.rds_update_rejected),
-    ));
     out.push(Stat::Gauge {
         name: "control_plane.connected_state".into(),
         prom: "envoy_control_plane_connected_state".into(),
