@@ -192,47 +192,20 @@ impl Client {
     }
 
     fn on_clusters(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
-        let mut clusters = BTreeMap::new();
-        for (i, any) in resp.resources.iter().enumerate() {
-            match ClusterProto::decode(any.value.as_slice()) {
-                Ok(c) if clusters.contains_key(&c.name) => {
-                    return vec![self.cds.nack(
-                        resp,
-                        &format!("resources[{i}]: duplicate cluster '{}'", c.name),
-                    )];
-                }
-                Ok(c) => {
-                    clusters.insert(c.name.clone(), c);
-                }
-                Err(e) => return vec![self.cds.nack(resp, &format!("resources[{i}]: {e}"))],
-            }
-        }
+        let clusters = match decode_named(resp, "cluster", |c: &ClusterProto| &c.name) {
+            Ok(c) => c,
+            Err(e) => return vec![self.cds.nack(resp, &e)],
+        };
         let mut candidate = self.dynamic.clone();
         candidate.clusters = clusters;
         self.apply_candidate(candidate, resp, Kind::Cds)
     }
 
     fn on_listeners(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
-        let mut listeners = BTreeMap::new();
-        for (i, any) in resp.resources.iter().enumerate() {
-            match ListenerProto::decode(any.value.as_slice()) {
-                Ok(l) if l.name.is_empty() => {
-                    return vec![self
-                        .lds
-                        .nack(resp, &format!("resources[{i}].name: required"))];
-                }
-                Ok(l) if listeners.contains_key(&l.name) => {
-                    return vec![self.lds.nack(
-                        resp,
-                        &format!("resources[{i}]: duplicate listener '{}'", l.name),
-                    )];
-                }
-                Ok(l) => {
-                    listeners.insert(l.name.clone(), l);
-                }
-                Err(e) => return vec![self.lds.nack(resp, &format!("resources[{i}]: {e}"))],
-            }
-        }
+        let listeners = match decode_named(resp, "listener", |l: &ListenerProto| &l.name) {
+            Ok(l) => l,
+            Err(e) => return vec![self.lds.nack(resp, &e)],
+        };
         let mut candidate = self.dynamic.clone();
         candidate.listeners = listeners;
         self.apply_candidate(candidate, resp, Kind::Lds)
@@ -405,4 +378,26 @@ async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Res
     tx.send(req)
         .await
         .map_err(|_| "the stream closed".to_string())
+}
+
+/// Decodes a state-of-the-world response's resources by name: each must decode, have a
+/// name, and appear once; the error names the resource index for the NACK.
+fn decode_named<T: Message + Default>(
+    resp: &DiscoveryResponse,
+    kind: &str,
+    name_of: impl Fn(&T) -> &String,
+) -> Result<BTreeMap<String, T>, String> {
+    let mut out = BTreeMap::new();
+    for (i, any) in resp.resources.iter().enumerate() {
+        let r = T::decode(any.value.as_slice()).map_err(|e| format!("resources[{i}]: {e}"))?;
+        let name = name_of(&r).clone();
+        if name.is_empty() {
+            return Err(format!("resources[{i}].name: required"));
+        }
+        if out.contains_key(&name) {
+            return Err(format!("resources[{i}]: duplicate {kind} '{name}'"));
+        }
+        out.insert(name, r);
+    }
+    Ok(out)
 }
