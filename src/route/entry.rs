@@ -21,7 +21,10 @@ use crate::reject_set;
 use crate::retry::RetryPolicy;
 use crate::route::hash::HashPolicy;
 use crate::route::headers::HeaderMutations;
-use crate::route::matcher::{full_match_regex, HeaderMatcher, QueryParameterMatcher, RegexRewrite};
+use crate::route::index::PathKey;
+use crate::route::matcher::{
+    full_match_regex, literal_prefix, HeaderMatcher, QueryParameterMatcher, RegexRewrite,
+};
 use crate::route::request::RequestView;
 
 /// Envoy's default route timeout.
@@ -47,7 +50,8 @@ pub enum Action {
 enum PathMatch {
     Prefix(String),
     Exact(String),
-    Regex(Regex),
+    /// With the literal text every match starts with, for the route index.
+    Regex(Regex, String),
     SeparatedPrefix(String),
 }
 
@@ -97,7 +101,8 @@ impl RouteMatch {
             Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
             Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
             Some(PathSpecifier::SafeRegex(r)) => {
-                PathMatch::Regex(full_match_regex(r, &join(at, "safe_regex"), errs)?)
+                let regex = full_match_regex(r, &join(at, "safe_regex"), errs)?;
+                PathMatch::Regex(regex, literal_prefix(&r.regex))
             }
             Some(PathSpecifier::PathSeparatedPrefix(p)) => {
                 if p.contains(['?', '#']) || p.ends_with('/') {
@@ -156,7 +161,7 @@ impl RouteMatch {
                     only.eq_ignore_ascii_case(p)
                 }
             }
-            PathMatch::Regex(r) => r.is_match(req.path_only()),
+            PathMatch::Regex(r, _) => r.is_match(req.path_only()),
             PathMatch::SeparatedPrefix(p) => {
                 let only = req.path_only();
                 starts_with(only, p, self.case_sensitive)
@@ -173,7 +178,7 @@ impl RouteMatch {
     fn matched_prefix(&self) -> Option<&str> {
         match &self.path {
             PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => Some(p),
-            PathMatch::Regex(_) => None,
+            PathMatch::Regex(..) => None,
         }
     }
 }
@@ -838,6 +843,16 @@ impl Route {
 
     pub fn matched_prefix(&self) -> Option<&str> {
         self.matcher.matched_prefix()
+    }
+
+    pub fn path_key(&self) -> PathKey<'_> {
+        match &self.matcher.path {
+            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => PathKey::Prefix(p),
+            PathMatch::Exact(p) => PathKey::Exact(p),
+            // Matched against the path without query, which starts with the literal too.
+            PathMatch::Regex(_, literal) if !literal.is_empty() => PathKey::Prefix(literal),
+            PathMatch::Regex(..) => PathKey::Other,
+        }
     }
 
     /// The upstream path after this route's rewrites; None when the path is unchanged.

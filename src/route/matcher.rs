@@ -31,6 +31,36 @@ pub fn full_match_regex(m: &RegexMatcher, at: &str, errs: &mut Errors) -> Option
     }
 }
 
+/// The literal text every match of `pattern` must start with ("/api/" for `/api/[0-9]+`), so
+/// that a regex route can be indexed like a prefix route; empty when there is none.
+pub fn literal_prefix(pattern: &str) -> String {
+    use regex_syntax::hir::{HirKind, Look};
+    let Ok(hir) = regex_syntax::Parser::new().parse(pattern) else {
+        return String::new();
+    };
+    let parts = match hir.kind() {
+        HirKind::Concat(parts) => parts.as_slice(),
+        _ => std::slice::from_ref(&hir),
+    };
+    let mut prefix = Vec::new();
+    for part in parts {
+        match part.kind() {
+            HirKind::Literal(lit) => prefix.extend_from_slice(&lit.0),
+            HirKind::Look(Look::Start) if prefix.is_empty() => {}
+            _ => break,
+        }
+    }
+    // A literal may end inside a UTF-8 sequence only if the pattern was bytes; keep the
+    // valid part, which is still a prefix of every match.
+    match String::from_utf8(prefix) {
+        Ok(s) => s,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            String::from_utf8_lossy(&e.into_bytes()[..valid]).into_owned()
+        }
+    }
+}
+
 /// An unanchored regex, for rewrites that replace every match.
 pub fn search_regex(m: &RegexMatcher, at: &str, errs: &mut Errors) -> Option<Regex> {
     let RegexMatcher {
@@ -496,5 +526,16 @@ mod tests {
     fn re2_group_references_translate() {
         assert_eq!(re2_substitution(r"\1-\2"), "${1}-${2}");
         assert_eq!(re2_substitution("a$b"), "a$$b");
+    }
+
+    #[test]
+    fn literal_prefix_of_regexes() {
+        assert_eq!(literal_prefix("/api/[0-9]+"), "/api/");
+        assert_eq!(literal_prefix("^/api/v1"), "/api/v1");
+        assert_eq!(literal_prefix("/a|/b"), "");
+        assert_eq!(literal_prefix("a|/b"), "");
+        assert_eq!(literal_prefix("(?i)/api"), "/");
+        assert_eq!(literal_prefix(".*"), "");
+        assert_eq!(literal_prefix("/x(/y)?"), "/x");
     }
 }

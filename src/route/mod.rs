@@ -3,6 +3,7 @@
 pub mod entry;
 pub mod hash;
 pub mod headers;
+pub mod index;
 pub mod matcher;
 pub mod request;
 pub mod table;

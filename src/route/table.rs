@@ -1,7 +1,6 @@
 //! A route configuration: virtual hosts chosen by Host with Envoy's domain precedence, then
 //! the first matching route of that virtual host.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use envoy_types::pb::envoy::config::route::v3::{
@@ -13,6 +12,7 @@ use crate::reject_set;
 use crate::retry::RetryPolicy;
 use crate::route::entry::Route;
 use crate::route::headers::HeaderMutations;
+use crate::route::index::{RouteIndex, WildcardDomains};
 use crate::route::request::RequestView;
 
 /// Envoy's default for `max_direct_response_body_size_bytes`.
@@ -27,6 +27,7 @@ pub struct VirtualHost {
     pub retry_policy: Option<RetryPolicy>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    index: RouteIndex,
 }
 
 #[derive(Debug)]
@@ -34,10 +35,10 @@ pub struct RouteTable {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
     exact: HashMap<String, usize>,
-    /// `*.example.com` stored as `.example.com`, longest first.
-    suffixes: Vec<(String, usize)>,
-    /// `example.*` stored as `example.`, longest first.
-    prefixes: Vec<(String, usize)>,
+    /// `*.example.com` stored as `.example.com`.
+    suffixes: WildcardDomains,
+    /// `example.*` stored as `example.`.
+    prefixes: WildcardDomains,
     default: Option<usize>,
     ignore_port_in_host_matching: bool,
     pub request_headers: HeaderMutations,
@@ -108,12 +109,13 @@ impl VirtualHost {
         if domains.is_empty() {
             errs.add(join(at, "domains"), "at least one domain is required");
         }
-        let routes = routes
+        let routes: Vec<Route> = routes
             .iter()
             .enumerate()
             .filter_map(|(i, r)| Route::convert(r, &index(&join(at, "routes"), i), max_body, errs))
             .collect();
         Some(VirtualHost {
+            index: RouteIndex::build(routes.iter().map(Route::path_key)),
             name: name.clone(),
             routes,
             retry_policy: retry_policy
@@ -181,8 +183,8 @@ impl RouteTable {
             name: name.clone(),
             virtual_hosts: Vec::new(),
             exact: HashMap::new(),
-            suffixes: Vec::new(),
-            prefixes: Vec::new(),
+            suffixes: WildcardDomains::default(),
+            prefixes: WildcardDomains::default(),
             default: None,
             ignore_port_in_host_matching: *ignore_port_in_host_matching,
             request_headers: HeaderMutations::convert(
@@ -239,9 +241,9 @@ impl RouteTable {
                 if domain == "*" {
                     table.default = Some(idx);
                 } else if let Some(suffix) = domain.strip_prefix('*') {
-                    table.suffixes.push((suffix.to_string(), idx));
+                    table.suffixes.insert(suffix, idx);
                 } else if let Some(prefix) = domain.strip_suffix('*') {
-                    table.prefixes.push((prefix.to_string(), idx));
+                    table.prefixes.insert(prefix, idx);
                 } else if domain.contains('*') {
                     errs.add(
                         index(&join(&vat, "domains"), j),
@@ -253,9 +255,6 @@ impl RouteTable {
             }
             table.virtual_hosts.push(vh);
         }
-        // Longest wildcard first; stable, so equal lengths keep config order.
-        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Some(table)
     }
 
@@ -266,34 +265,22 @@ impl RouteTable {
     }
 
     fn virtual_host_index(&self, host: &str) -> Option<usize> {
+        let lowered;
         let mut host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(host.to_ascii_lowercase())
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
         } else {
-            Cow::Borrowed(host)
+            host
         };
         if self.ignore_port_in_host_matching {
-            if let Some(stripped) = strip_port(&host) {
-                host = Cow::Owned(stripped.to_string());
-            }
+            host = strip_port(host).unwrap_or(host);
         }
-        let idx = self
-            .exact
-            .get(host.as_ref())
+        self.exact
+            .get(host)
             .copied()
-            .or_else(|| {
-                self.suffixes
-                    .iter()
-                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
-                    .map(|(_, i)| *i)
-            })
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
-                    .map(|(_, i)| *i)
-            })
-            .or(self.default)?;
-        Some(idx)
+            .or_else(|| self.suffixes.longest_suffix(host))
+            .or_else(|| self.prefixes.longest_prefix(host))
+            .or(self.default)
     }
 
     pub fn route<'a>(&'a self, req: &RequestView<'_>) -> Option<Matched<'a>> {
@@ -304,10 +291,10 @@ impl RouteTable {
     /// (virtual host, route) indices of the first route that matches.
     pub fn route_index(&self, req: &RequestView<'_>) -> Option<(usize, usize)> {
         let v = self.virtual_host_index(req.host)?;
-        let r = self.virtual_hosts[v]
-            .routes
-            .iter()
-            .position(|r| r.matches(req))?;
+        let vh = &self.virtual_hosts[v];
+        let r = vh.index.first_match(req.path, req.path_only().len(), |i| {
+            vh.routes[i].matches(req)
+        })?;
         Some((v, r))
     }
 
@@ -497,5 +484,61 @@ virtual_hosts:
         assert_eq!(strip_port("[::1]:80"), Some("[::1]"));
         assert_eq!(strip_port("[::1]"), None);
         assert_eq!(strip_port("a.com"), None);
+    }
+
+    /// The index must choose exactly what testing every route in order chooses.
+    #[test]
+    fn indexed_lookup_equals_linear_scan() {
+        let routes = r#"
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - {match: {prefix: "/api/v2", headers: [{name: x-v, string_match: {exact: "2"}}]}, direct_response: {status: 200}}
+  - {match: {safe_regex: {regex: "/api/[0-9]+"}}, direct_response: {status: 200}}
+  - {match: {path: "/api"}, direct_response: {status: 200}}
+  - {match: {path: "/API/x", case_sensitive: false}, direct_response: {status: 200}}
+  - {match: {prefix: "/Api", case_sensitive: false}, direct_response: {status: 200}}
+  - {match: {path_separated_prefix: "/api/v1"}, direct_response: {status: 200}}
+  - {match: {prefix: "/api", query_parameters: [{name: q, present_match: true}]}, direct_response: {status: 200}}
+  - {match: {prefix: "/a"}, direct_response: {status: 200}}
+  - {match: {path: "/"}, direct_response: {status: 200}}
+  - {match: {safe_regex: {regex: ".*"}}, direct_response: {status: 200}}
+"#;
+        let t = table(routes).unwrap();
+        let vh = &t.virtual_hosts[0];
+        let mut with_header = http::HeaderMap::new();
+        with_header.insert("x-v", http::HeaderValue::from_static("2"));
+        let empty = http::HeaderMap::new();
+        let paths = [
+            "/",
+            "/?q",
+            "/api",
+            "/api?q=1",
+            "/API",
+            "/api/x",
+            "/Api/X",
+            "/api/X?q",
+            "/api/v1",
+            "/api/v1/",
+            "/api/v10",
+            "/api/v2",
+            "/api/v2/z",
+            "/api/12",
+            "/apix",
+            "/a",
+            "/b",
+            "",
+            "/api/v1#frag",
+            "/api#x",
+        ];
+        for path in paths {
+            for headers in [&empty, &with_header] {
+                let req = RequestView::new("GET", path, "h", "http", headers);
+                let linear = vh.routes.iter().position(|r| r.matches(&req));
+                let indexed = t.route_index(&req).map(|(_, r)| r);
+                assert_eq!(indexed, linear, "path {path:?} headers {headers:?}");
+            }
+        }
     }
 }
