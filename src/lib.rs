@@ -9,6 +9,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod filter;
+pub mod io;
 pub mod listener;
 pub mod proxy;
 pub mod retry;

@@ -374,7 +374,9 @@ async fn serve_connection(
     let digest = SocketDigest::from_raw_fd(fd);
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
-    let mut next = app.process_new(Box::new(stream), &shutdown).await;
+    let mut next = app
+        .process_new(Box::new(crate::io::Downstream::new(stream)), &shutdown)
+        .await;
     while let Some(s) = next {
         if *shutdown.borrow() {
             return;

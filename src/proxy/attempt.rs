@@ -145,6 +145,11 @@ impl Attempts {
         }
     }
 
+    /// Whether retries must avoid hosts already tried (so they need recording).
+    pub fn avoids_previous_hosts(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| p.previous_hosts)
+    }
+
     /// Picks a host for a retry, avoiding hosts already tried when the policy says so.
     pub fn pick_for_retry(&self, cluster: &Cluster, hash: Option<u64>) -> Option<Arc<Host>> {
         let (avoid, tries) = match &self.policy {

@@ -223,7 +223,9 @@ impl ProxyHttp for LegateProxy {
             ));
         };
         let now = Instant::now();
-        ctx.attempts.tried.push(host.address);
+        if ctx.attempts.avoids_previous_hosts() {
+            ctx.attempts.tried.push(host.address);
+        }
         ctx.attempts.try_deadline = ctx.attempts.per_try_timeout().map(|t| now + t);
         let route_idle = ctx.matched().and_then(|m| match &m.route.action {
             Action::Forward(a) => a.idle_timeout,

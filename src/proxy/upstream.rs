@@ -23,27 +23,32 @@ fn levels<'a>(
     weighted: Option<usize>,
     table: &'a RouteTable,
     request: bool,
-) -> Vec<&'a HeaderMutations> {
+) -> impl Iterator<Item = &'a HeaderMutations> {
     let pick =
         |req: &'a HeaderMutations, resp: &'a HeaderMutations| if request { req } else { resp };
-    let mut out = Vec::with_capacity(4);
-    if let (Action::Forward(a), Some(i)) = (&m.route.action, weighted) {
-        if let ClusterChoice::Weighted(w) = &a.cluster {
-            if let Some(c) = w.clusters.get(i) {
-                out.push(pick(&c.request_headers, &c.response_headers));
-            }
-        }
-    }
-    out.push(pick(&m.route.request_headers, &m.route.response_headers));
-    out.push(pick(
-        &m.virtual_host.request_headers,
-        &m.virtual_host.response_headers,
-    ));
-    out.push(pick(&table.request_headers, &table.response_headers));
+    let weighted = match (&m.route.action, weighted) {
+        (Action::Forward(a), Some(i)) => match &a.cluster {
+            ClusterChoice::Weighted(w) => w
+                .clusters
+                .get(i)
+                .map(|c| pick(&c.request_headers, &c.response_headers)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut out = [
+        weighted,
+        Some(pick(&m.route.request_headers, &m.route.response_headers)),
+        Some(pick(
+            &m.virtual_host.request_headers,
+            &m.virtual_host.response_headers,
+        )),
+        Some(pick(&table.request_headers, &table.response_headers)),
+    ];
     if table.most_specific_header_mutations_wins {
         out.reverse();
     }
-    out
+    out.into_iter().flatten()
 }
 
 pub fn finalize_request(
