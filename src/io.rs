@@ -4,7 +4,13 @@
 //! HTTP/1 code relies on that: it flushes only at the end of a response whose length is
 //! known, so header and body go out in one `send`. legate accepts connections itself
 //! (per-worker `SO_REUSEPORT` sockets, runtime listeners) and Pingora's buffer setter is
-//! crate-private, so this wrapper restores the same buffering around the raw L4 stream.
+//! crate-private, so this wrapper restores the same buffering around the raw L4 stream
+//! (and around TLS, so that a response is one TLS record where it fits).
+//!
+//! It also carries what was decided when the connection was accepted (the filter chain,
+//! TLS details) to the request hooks: Pingora copies a stream's "proxy digest" into every
+//! request's digest, for HTTP/1 and HTTP/2 alike, and its `user_data` slot is free on
+//! downstream connections (Pingora fills it only for upstream CONNECT proxies).
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +21,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::ALPN;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
@@ -24,32 +32,120 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 /// Pingora's `DEFAULT_L4_WRITE_BUFFER_SIZE`: one Ethernet MSS.
 const WRITE_BUFFER: usize = 1460;
 
-#[derive(Debug)]
-pub struct Downstream(BufWriter<L4Stream>);
+/// What the accept path learned about a connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionInfo {
+    /// Index into the listener's filter chains.
+    pub chain: usize,
+    /// Set on TLS connections.
+    pub tls: Option<TlsInfo>,
+}
 
-impl Downstream {
-    pub fn new(stream: L4Stream) -> Self {
-        Downstream(BufWriter::with_capacity(WRITE_BUFFER, stream))
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub sni: Option<String>,
+    pub version: &'static str,
+    pub cipher: &'static str,
+}
+
+/// The transport under the HTTP codec: a TCP stream, or TLS over one.
+pub trait Transport:
+    AsyncRead + AsyncWrite + Unpin + Send + Sync + std::fmt::Debug + 'static
+{
+    fn l4(&self) -> &L4Stream;
+    fn l4_mut(&mut self) -> &mut L4Stream;
+    fn alpn(&self) -> Option<ALPN> {
+        None
     }
 }
 
-impl AsyncRead for Downstream {
+impl Transport for L4Stream {
+    fn l4(&self) -> &L4Stream {
+        self
+    }
+    fn l4_mut(&mut self) -> &mut L4Stream {
+        self
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<L4Stream> {
+    fn l4(&self) -> &L4Stream {
+        self.get_ref().0
+    }
+    fn l4_mut(&mut self) -> &mut L4Stream {
+        self.get_mut().0
+    }
+    fn alpn(&self) -> Option<ALPN> {
+        match self.get_ref().1.alpn_protocol()? {
+            b"h2" => Some(ALPN::H2),
+            b"http/1.1" => Some(ALPN::H1),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Downstream<T: Transport> {
+    io: BufWriter<T>,
+    info: Option<Arc<ProxyDigest>>,
+    ssl: Option<Arc<SslDigest>>,
+}
+
+impl<T: Transport> Downstream<T> {
+    pub fn new(stream: T, info: Option<ConnectionInfo>) -> Self {
+        let ssl = info
+            .as_ref()
+            .and_then(|i| i.tls.as_ref())
+            .map(|t| Arc::new(SslDigest::new(t.cipher, t.version, None, None, Vec::new())));
+        let info = info.and_then(|i| {
+            // The response header is required by the type and never read.
+            let unused = pingora::http::ResponseHeader::build(200, Some(0)).ok()?;
+            Some(Arc::new(ProxyDigest::new(
+                Box::new(unused),
+                Some(Box::new(i)),
+            )))
+        });
+        Downstream {
+            io: BufWriter::with_capacity(WRITE_BUFFER, stream),
+            info,
+            ssl,
+        }
+    }
+}
+
+/// The connection's info as recorded at accept (None on plain single-chain listeners).
+pub fn connection_info(session: &pingora::proxy::Session) -> Option<&ConnectionInfo> {
+    session
+        .digest()?
+        .proxy_digest
+        .as_ref()?
+        .user_data
+        .as_ref()?
+        .downcast_ref::<ConnectionInfo>()
+}
+
+/// The filter chain the connection was matched to (0 when there was nothing to choose).
+pub fn connection_chain(session: &pingora::proxy::Session) -> usize {
+    connection_info(session).map_or(0, |i| i.chain)
+}
+
+impl<T: Transport> AsyncRead for Downstream<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Downstream {
+impl<T: Transport> AsyncWrite for Downstream<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -57,86 +153,94 @@ impl AsyncWrite for Downstream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
-impl Shutdown for Downstream {
+impl<T: Transport> Shutdown for Downstream<T> {
     async fn shutdown(&mut self) {
-        // Whatever is still buffered belongs to the client.
-        let _ = self.0.flush().await;
-        Shutdown::shutdown(self.0.get_mut()).await
+        // Flushes what is buffered (it belongs to the client), sends TLS close_notify on
+        // TLS connections, then shuts the socket's write side.
+        let _ = AsyncWriteExt::shutdown(&mut self.io).await;
     }
 }
 
-impl UniqueID for Downstream {
+impl<T: Transport> UniqueID for Downstream<T> {
     fn id(&self) -> UniqueIDType {
-        self.0.get_ref().id()
+        self.io.get_ref().l4().id()
     }
 }
 
-impl Ssl for Downstream {}
+impl<T: Transport> Ssl for Downstream<T> {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.ssl.clone()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.io.get_ref().alpn()
+    }
+}
 
 #[async_trait]
-impl Peek for Downstream {
+impl<T: Transport> Peek for Downstream<T> {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.0.get_mut().try_peek(buf).await
+        self.io.get_mut().l4_mut().try_peek(buf).await
     }
 }
 
-impl GetTimingDigest for Downstream {
+impl<T: Transport> GetTimingDigest for Downstream<T> {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.0.get_ref().get_timing_digest()
+        self.io.get_ref().l4().get_timing_digest()
     }
 
     fn get_read_pending_time(&self) -> Duration {
-        self.0.get_ref().get_read_pending_time()
+        self.io.get_ref().l4().get_read_pending_time()
     }
 
     fn get_write_pending_time(&self) -> Duration {
-        self.0.get_ref().get_write_pending_time()
+        self.io.get_ref().l4().get_write_pending_time()
     }
 }
 
-impl GetProxyDigest for Downstream {
+impl<T: Transport> GetProxyDigest for Downstream<T> {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.0.get_ref().get_proxy_digest()
+        self.info.clone()
     }
 
     fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.0.get_mut().set_proxy_digest(digest)
+        self.info = Some(Arc::new(digest));
     }
 }
 
-impl GetSocketDigest for Downstream {
+impl<T: Transport> GetSocketDigest for Downstream<T> {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.0.get_ref().get_socket_digest()
+        self.io.get_ref().l4().get_socket_digest()
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.0.get_mut().set_socket_digest(digest)
+        self.io.get_mut().l4_mut().set_socket_digest(digest)
     }
 }
 
-impl Drop for Downstream {
+impl<T: Transport> Drop for Downstream<T> {
     fn drop(&mut self) {
         // As Pingora's own stream does: a response written just before the connection is
         // closed (not kept alive) may still sit in the buffer. The socket is writable in
         // practice, so one non-blocking attempt delivers it.
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let _ = Pin::new(&mut self.0).poll_flush(&mut cx);
+        let _ = Pin::new(&mut self.io).poll_flush(&mut cx);
     }
 }

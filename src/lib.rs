@@ -17,6 +17,7 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod xds;
 
 /// This machine's hostname, for `%HOSTNAME%`.

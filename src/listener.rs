@@ -21,6 +21,7 @@ use crate::config::load::unpack_any;
 use crate::filter::FilterChain as HttpFilterChain;
 use crate::reject_set;
 use crate::route::RouteTable;
+use crate::tls::{ServerTls, TLS_TRANSPORT_SOCKET};
 use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds as RdsProto;
@@ -136,7 +137,90 @@ fn convert_internal_addresses(
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// Filter chains in config order; `default_filter_chain`, if any, is last.
+    pub chains: Vec<Chain>,
+    pub default_chain: Option<usize>,
+    /// Whether connections must be inspected (TLS detection and SNI) to pick a chain,
+    /// as Envoy's `tls_inspector` listener filter does.
+    pub inspect: bool,
+    /// `listener_filters_timeout`: how long to wait for a TLS ClientHello (None: forever).
+    pub inspect_timeout: Option<Duration>,
+}
+
+/// One filter chain: what it matches, its TLS context, and its HTTP connection manager.
+#[derive(Debug)]
+pub struct Chain {
+    pub name: String,
+    /// Lowercased; `*.example.com` wildcards kept as written.
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<Transport>,
+    pub tls: Option<ServerTls>,
+    /// `transport_socket_connect_timeout`: bounds the TLS handshake.
+    pub handshake_timeout: Option<Duration>,
     pub hcm: HttpConnectionManager,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tls,
+    RawBuffer,
+}
+
+/// Envoy's default `listener_filters_timeout`.
+const DEFAULT_INSPECT_TIMEOUT: Duration = Duration::from_secs(15);
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const TLS_INSPECTOR_TYPE: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+
+impl Listener {
+    /// The HCM of the first chain: what listener-level counters are kept under.
+    pub fn hcm(&self) -> &HttpConnectionManager {
+        &self.chains[0].hcm
+    }
+
+    /// Envoy's filter-chain match on what inspection found: the most specific server name
+    /// (exact, then the longest `*.` wildcard, then chains without server names), then the
+    /// transport protocol (exact, then chains without one); the default chain otherwise.
+    pub fn select_chain(&self, transport: Transport, sni: Option<&str>) -> Option<usize> {
+        let regular = &self.chains[..self.default_chain.unwrap_or(self.chains.len())];
+        let by_name = |pattern: &str| -> Vec<usize> {
+            regular
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.server_names.iter().any(|n| n == pattern))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let mut candidates = Vec::new();
+        if let Some(sni) = sni.map(str::to_ascii_lowercase) {
+            candidates = by_name(&sni);
+            let mut rest = sni.as_str();
+            while candidates.is_empty() {
+                let Some(dot) = rest.find('.') else { break };
+                rest = &rest[dot + 1..];
+                candidates = by_name(&format!("*.{rest}"));
+            }
+        }
+        if candidates.is_empty() {
+            candidates = regular
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.server_names.is_empty())
+                .map(|(i, _)| i)
+                .collect();
+        }
+        let exact = candidates
+            .iter()
+            .copied()
+            .find(|&i| self.chains[i].transport_protocol == Some(transport));
+        exact
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .copied()
+                    .find(|&i| self.chains[i].transport_protocol.is_none())
+            })
+            .or(self.default_chain)
+    }
 }
 
 impl Listener {
@@ -195,12 +279,9 @@ impl Listener {
             stats_matcher,
             fcds_config,
             use_original_dst,
-            default_filter_chain,
             per_connection_buffer_limit_bytes,
             deprecated_v1,
             drain_type,
-            listener_filters,
-            listener_filters_timeout,
             continue_on_listener_filters_timeout,
             transparent,
             freebind,
@@ -235,19 +316,74 @@ impl Listener {
             }
         };
         let address = SocketAddr::new(ip, port);
-        if filter_chains.len() != 1 {
+        for (i, f) in listener_filters.iter().enumerate() {
+            listener_filter(f, &index(&join(at, "listener_filters"), i), errs);
+        }
+        duration::check(
+            listener_filters_timeout,
+            &join(at, "listener_filters_timeout"),
+            errs,
+        );
+        // Zero disables the timeout, as in Envoy.
+        let inspect_timeout =
+            duration::optional_timeout(listener_filters_timeout, Some(DEFAULT_INSPECT_TIMEOUT));
+        if filter_chains.is_empty() && default_filter_chain.is_none() {
             errs.add(
                 join(at, "filter_chains"),
-                "exactly one filter chain is supported (filter_chain_match comes with TLS)",
+                "at least one filter chain (or default_filter_chain) is required",
             );
             return None;
         }
-        let hcm = convert_filter_chain(
-            &filter_chains[0],
-            &index(&join(at, "filter_chains"), 0),
-            rds,
-            errs,
-        )?;
+        let mut chains = Vec::new();
+        for (i, fc) in filter_chains.iter().enumerate() {
+            if let Some(c) =
+                convert_filter_chain(fc, &index(&join(at, "filter_chains"), i), rds, errs)
+            {
+                chains.push(c);
+            }
+        }
+        let default_chain = match default_filter_chain {
+            Some(fc) => {
+                let dat = join(at, "default_filter_chain");
+                if fc.filter_chain_match.is_some() {
+                    errs.add(
+                        join(&dat, "filter_chain_match"),
+                        "must not be set on the default chain",
+                    );
+                }
+                let c = convert_filter_chain(fc, &dat, rds, errs)?;
+                chains.push(c);
+                Some(chains.len() - 1)
+            }
+            None => None,
+        };
+        if chains.len() != filter_chains.len() + usize::from(default_chain.is_some()) {
+            return None;
+        }
+        // Envoy refuses two chains that the same connection would match equally.
+        let mut seen = std::collections::HashMap::new();
+        for (i, c) in chains.iter().enumerate() {
+            if Some(i) == default_chain {
+                continue;
+            }
+            let names: Vec<&str> = if c.server_names.is_empty() {
+                vec![""]
+            } else {
+                c.server_names.iter().map(String::as_str).collect()
+            };
+            for n in names {
+                if let Some(other) = seen.insert((n.to_string(), c.transport_protocol), i) {
+                    errs.add(
+                        index(&join(at, "filter_chains"), i),
+                        format!("matches the same connections as filter_chains[{other}] (server name '{n}')"),
+                    );
+                }
+            }
+        }
+        let inspect = chains.len() > 1
+            || chains.iter().any(|c| {
+                c.tls.is_some() || !c.server_names.is_empty() || c.transport_protocol.is_some()
+            });
         Some(Listener {
             name: if name.is_empty() {
                 default_name
@@ -255,8 +391,59 @@ impl Listener {
                 name.clone()
             },
             address,
-            hcm,
+            chains,
+            default_chain,
+            inspect,
+            inspect_timeout,
         })
+    }
+}
+
+/// Listener filters: only the TLS inspector, which legate runs whenever a chain needs it
+/// (as Envoy injects it), so naming it changes nothing.
+fn listener_filter(
+    f: &envoy_types::pb::envoy::config::listener::v3::ListenerFilter,
+    at: &str,
+    errs: &mut Errors,
+) {
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter::ConfigType as LfConfig;
+    use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+    let envoy_types::pb::envoy::config::listener::v3::ListenerFilter {
+        name,
+        filter_disabled,
+        config_type,
+    } = f;
+    reject_set!(errs, at, filter_disabled);
+    match config_type {
+        Some(LfConfig::TypedConfig(any)) => {
+            match unpack_any::<TlsInspector>(any, TLS_INSPECTOR_TYPE, at) {
+                Ok(t) => {
+                    let TlsInspector {
+                        enable_ja3_fingerprinting,
+                        enable_ja4_fingerprinting,
+                        initial_read_buffer_size,
+                        max_client_hello_size,
+                        close_connection_on_client_hello_parsing_errors,
+                    } = t;
+                    let at = join(at, "typed_config");
+                    reject_set!(
+                        errs,
+                        &at,
+                        enable_ja3_fingerprinting,
+                        enable_ja4_fingerprinting,
+                        initial_read_buffer_size,
+                        max_client_hello_size,
+                        close_connection_on_client_hello_parsing_errors,
+                    );
+                }
+                Err(e) => errs.extend(e),
+            }
+        }
+        None if name == TLS_INSPECTOR => {}
+        _ => errs.add(
+            at,
+            format!("listener filter '{name}' is not supported (only {TLS_INSPECTOR})"),
+        ),
     }
 }
 
@@ -265,7 +452,7 @@ fn convert_filter_chain(
     at: &str,
     rds: &mut Rds<'_>,
     errs: &mut Errors,
-) -> Option<HttpConnectionManager> {
+) -> Option<Chain> {
     let FilterChain {
         filter_chain_match,
         filters,
@@ -273,16 +460,124 @@ fn convert_filter_chain(
         metadata: _,
         transport_socket,
         transport_socket_connect_timeout,
-        name: _,
+        name,
     } = fc;
+    reject_set!(errs, at, use_proxy_proto);
+    let (server_names, transport_protocol) = match filter_chain_match {
+        Some(m) => chain_match(m, &join(at, "filter_chain_match"), errs)?,
+        None => (Vec::new(), None),
+    };
+    let tls = match transport_socket {
+        Some(ts) => transport(ts, &join(at, "transport_socket"), errs),
+        None => None,
+    };
+    duration::check(
+        transport_socket_connect_timeout,
+        &join(at, "transport_socket_connect_timeout"),
+        errs,
+    );
+    let handshake_timeout = duration::optional_timeout(transport_socket_connect_timeout, None);
+    let hcm = http_connection_manager(filters, at, rds, errs)?;
+    Some(Chain {
+        name: name.clone(),
+        server_names,
+        transport_protocol,
+        tls,
+        handshake_timeout,
+        hcm,
+    })
+}
+
+type ChainMatch = (Vec<String>, Option<Transport>);
+
+fn chain_match(
+    m: &envoy_types::pb::envoy::config::listener::v3::FilterChainMatch,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<ChainMatch> {
+    let envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
+        destination_port,
+        prefix_ranges,
+        address_suffix,
+        suffix_len,
+        direct_source_prefix_ranges,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+        server_names,
+        transport_protocol,
+        application_protocols,
+    } = m;
     reject_set!(
         errs,
         at,
-        filter_chain_match,
-        use_proxy_proto,
-        transport_socket,
-        transport_socket_connect_timeout,
+        destination_port,
+        prefix_ranges,
+        address_suffix,
+        suffix_len,
+        direct_source_prefix_ranges,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+        application_protocols,
     );
+    let mut names = Vec::new();
+    for (i, n) in server_names.iter().enumerate() {
+        let n = n.to_ascii_lowercase();
+        let body = n.strip_prefix("*.").unwrap_or(&n);
+        if body.is_empty() || body.contains('*') {
+            errs.add(
+                index(&join(at, "server_names"), i),
+                "a wildcard is only allowed as a leading '*.'",
+            );
+            continue;
+        }
+        names.push(n);
+    }
+    let transport = match transport_protocol.as_str() {
+        "" => None,
+        "tls" => Some(Transport::Tls),
+        "raw_buffer" => Some(Transport::RawBuffer),
+        other => {
+            errs.add(
+                join(at, "transport_protocol"),
+                format!("'{other}' is not supported (tls or raw_buffer)"),
+            );
+            return None;
+        }
+    };
+    Some((names, transport))
+}
+
+fn transport(
+    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<ServerTls> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as TsConfig;
+    let envoy_types::pb::envoy::config::core::v3::TransportSocket { name, config_type } = ts;
+    match config_type {
+        Some(TsConfig::TypedConfig(any))
+            if name == TLS_TRANSPORT_SOCKET || any.type_url.ends_with("DownstreamTlsContext") =>
+        {
+            ServerTls::convert(any, at, errs)
+        }
+        _ => {
+            errs.add(
+                at,
+                format!("transport socket '{name}' is not supported (only {TLS_TRANSPORT_SOCKET} with a typed_config)"),
+            );
+            None
+        }
+    }
+}
+
+fn http_connection_manager(
+    filters: &[Filter],
+    at: &str,
+    rds: &mut Rds<'_>,
+    errs: &mut Errors,
+) -> Option<HttpConnectionManager> {
     if filters.len() != 1 {
         errs.add(
             join(at, "filters"),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
+
+use crate::io::Downstream;
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
@@ -73,6 +75,7 @@ struct ListenerManager {
     /// a connection stays on the worker that accepted it, with no cross-thread wakeups.
     workers: Vec<tokio::runtime::Handle>,
     app: Arc<App>,
+    shared: Arc<ArcSwap<Snapshot>>,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -93,10 +96,14 @@ impl ListenerManager {
             max_retries: 1_000_000,
             ..ServerConf::default()
         });
-        let app = Arc::new(pingora::proxy::http_proxy(&conf, LegateProxy::new(shared)));
+        let app = Arc::new(pingora::proxy::http_proxy(
+            &conf,
+            LegateProxy::new(shared.clone()),
+        ));
         Ok(ListenerManager {
             workers,
             app,
+            shared,
             running: Mutex::new(HashMap::new()),
         })
     }
@@ -175,11 +182,12 @@ impl ListenerManager {
         for (name, addr, sockets) in bound {
             let (stop_tx, stop_rx) = watch::channel(false);
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
-            let cx_stats = snapshot
-                .listeners
-                .iter()
-                .find(|l| l.name == name)
-                .map(|l| l.hcm.stats.clone());
+            let config = snapshot.listeners.iter().find(|l| l.name == name);
+            let cx_stats = config.map(|l| l.hcm().stats.clone());
+            let scheme = match config {
+                Some(l) if l.chains.iter().all(|c| c.tls.is_some()) => "https",
+                _ => "http",
+            };
             let fds = sockets
                 .iter()
                 .map(std::os::fd::AsRawFd::as_raw_fd)
@@ -188,12 +196,13 @@ impl ListenerManager {
                 w.spawn(accept_loop(
                     listener,
                     self.app.clone(),
+                    self.shared.clone(),
                     stop_rx.clone(),
                     shutdown_rx.clone(),
                     cx_stats.clone(),
                 ));
             }
-            println!("legate: listener '{name}' on http://{addr}");
+            println!("legate: listener '{name}' on {scheme}://{addr}");
             running.insert(
                 name,
                 Running {
@@ -316,6 +325,7 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
+    shared: Arc<ArcSwap<Snapshot>>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     cx_stats: Option<Arc<crate::stats::HttpStats>>,
@@ -335,8 +345,9 @@ async fn accept_loop(
                 let app = app.clone();
                 let shutdown = shutdown.clone();
                 let active = cx_stats.clone().map(ActiveConnection::new);
+                let snapshot = shared.load_full();
                 tokio::spawn(async move {
-                    serve_connection(tcp, peer, app, shutdown).await;
+                    serve_connection(tcp, peer, app, shutdown, snapshot).await;
                     drop(active);
                 });
             }
@@ -367,22 +378,130 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Arc<App>,
     shutdown: watch::Receiver<bool>,
+    snapshot: Arc<Snapshot>,
 ) {
     use std::os::unix::io::AsRawFd;
     let fd = tcp.as_raw_fd();
-    let mut stream: L4Stream = tcp.into();
+    let local = tcp.local_addr().ok();
+    let mut l4: L4Stream = tcp.into();
     let digest = SocketDigest::from_raw_fd(fd);
     let _ = digest.peer_addr.set(Some(peer.into()));
-    stream.set_socket_digest(digest);
-    let mut next = app
-        .process_new(Box::new(crate::io::Downstream::new(stream)), &shutdown)
-        .await;
+    l4.set_socket_digest(digest);
+    let listener = local.and_then(|a| snapshot.listener_at(a));
+    let stream: pingora::protocols::Stream = match listener {
+        Some(l) if l.inspect => match accept_inspected(l4, l).await {
+            Some(s) => s,
+            None => return,
+        },
+        _ => Box::new(Downstream::new(l4, None)),
+    };
+    drop(snapshot);
+    let mut next = app.process_new(stream, &shutdown).await;
     while let Some(s) = next {
         if *shutdown.borrow() {
             return;
         }
         next = app.process_new(s, &shutdown).await;
     }
+}
+
+/// What Envoy's TLS inspector and filter-chain match do: tell TLS from plaintext by the
+/// first byte, read the ClientHello's SNI, pick the filter chain, then finish the TLS
+/// handshake with that chain's context. None closes the connection (no chain matched, the
+/// client went away, or the handshake failed or timed out).
+async fn accept_inspected(
+    mut l4: L4Stream,
+    listener: &crate::listener::Listener,
+) -> Option<pingora::protocols::Stream> {
+    use crate::io::{ConnectionInfo, TlsInfo};
+    use crate::listener::Transport;
+    use pingora::protocols::Peek;
+    let within = |limit: Option<Duration>| limit.unwrap_or(Duration::from_secs(u64::MAX >> 2));
+    let mut first = [0u8; 1];
+    // A TLS connection opens with a handshake record (content type 22).
+    let peeked = tokio::time::timeout(within(listener.inspect_timeout), l4.try_peek(&mut first));
+    let is_tls = match peeked.await {
+        Ok(Ok(_)) => first[0] == 0x16,
+        Ok(Err(_)) => return None,
+        Err(_) => {
+            log::debug!(
+                "listener '{}': no data within listener_filters_timeout",
+                listener.name
+            );
+            return None;
+        }
+    };
+    if !is_tls {
+        let Some(chain) = listener.select_chain(Transport::RawBuffer, None) else {
+            log::debug!(
+                "listener '{}': no filter chain matches a plaintext connection",
+                listener.name
+            );
+            return None;
+        };
+        if listener.chains[chain].tls.is_some() {
+            log::debug!(
+                "listener '{}': plaintext connection to a TLS filter chain",
+                listener.name
+            );
+            return None;
+        }
+        let info = ConnectionInfo { chain, tls: None };
+        return Some(Box::new(Downstream::new(l4, Some(info))));
+    }
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
+    let start = match tokio::time::timeout(within(listener.inspect_timeout), acceptor).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log::debug!("listener '{}': bad TLS ClientHello: {e}", listener.name);
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some(chain) = listener.select_chain(Transport::Tls, sni.as_deref()) else {
+        log::debug!(
+            "listener '{}': no filter chain for server name {sni:?}",
+            listener.name
+        );
+        return None;
+    };
+    let c = &listener.chains[chain];
+    let Some(tls) = &c.tls else {
+        log::debug!(
+            "listener '{}': TLS connection to a plaintext filter chain",
+            listener.name
+        );
+        return None;
+    };
+    let handshake = start.into_stream(tls.config.clone());
+    let stream = match tokio::time::timeout(within(c.handshake_timeout), handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log::debug!("listener '{}': TLS handshake failed: {e}", listener.name);
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let conn = stream.get_ref().1;
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "",
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("");
+    let info = ConnectionInfo {
+        chain,
+        tls: Some(TlsInfo {
+            sni,
+            version,
+            cipher,
+        }),
+    };
+    Some(Box::new(Downstream::new(stream, Some(info))))
 }
 
 /// Envoy's `cluster_manager.cluster_added|modified|removed` and the `listener_manager`

@@ -282,14 +282,21 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
             );
             continue;
         }
-        let rc_at = join(
-            &index(&join(&index(&join(&at, "filter_chains"), 0), "filters"), 0),
-            "typed_config.route_config",
-        );
-        listener
-            .hcm
-            .routes
-            .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
+        for (i, chain) in listener.chains.iter().enumerate() {
+            let chain_at = if Some(i) == listener.default_chain {
+                join(&at, "default_filter_chain")
+            } else {
+                index(&join(&at, "filter_chains"), i)
+            };
+            let rc_at = join(
+                &index(&join(&chain_at, "filters"), 0),
+                "typed_config.route_config",
+            );
+            chain
+                .hcm
+                .routes
+                .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
+        }
         listener_index.insert(listener.name.clone(), listeners.len());
         listeners.push(Arc::new(listener));
     }
@@ -305,11 +312,13 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
     for (i, l) in listeners.iter().enumerate() {
         let at = format!("listeners[{}]", l.name);
         let _ = i;
-        l.hcm.routes.check_http2_clusters(
-            &join(&at, "route_config"),
-            &|n| clusters.get(n).is_some_and(|c| c.http2),
-            &mut errs,
-        );
+        for chain in &l.chains {
+            chain.hcm.routes.check_http2_clusters(
+                &join(&at, "route_config"),
+                &|n| clusters.get(n).is_some_and(|c| c.http2),
+                &mut errs,
+            );
+        }
     }
     errs.into_result(())?;
     Ok(Snapshot {

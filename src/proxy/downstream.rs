@@ -76,6 +76,7 @@ pub fn mutate_request_headers(
     req: &mut RequestHeader,
     peer: Option<IpAddr>,
     listener_port: u16,
+    scheme: &'static str,
 ) -> Downstream {
     for h in HOP_BY_HOP {
         req.remove_header(*h);
@@ -99,11 +100,11 @@ pub fn mutate_request_headers(
             }
         }
         if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
-            let _ = req.insert_header("x-forwarded-proto", "http");
+            let _ = req.insert_header("x-forwarded-proto", scheme);
         }
     }
     if !req.headers.contains_key("x-forwarded-proto") {
-        let _ = req.insert_header("x-forwarded-proto", "http");
+        let _ = req.insert_header("x-forwarded-proto", scheme);
     }
 
     let internal = trusted_checks && remote.is_some_and(|ip| hcm.internal_addresses.contains(ip));

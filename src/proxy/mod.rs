@@ -58,6 +58,8 @@ impl LegateProxy {
 #[derive(Default)]
 pub struct RequestCtx {
     listener: Option<Arc<Listener>>,
+    /// The listener's filter chain this connection was matched to.
+    chain: usize,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<(usize, usize)>,
     weighted: Option<usize>,
@@ -86,11 +88,11 @@ impl RequestCtx {
     fn matched(&self) -> Option<Matched<'_>> {
         let listener = self.listener.as_deref()?;
         let (v, r) = self.route?;
-        listener.hcm.routes.matched(v, r)
+        listener.chains.get(self.chain)?.hcm.routes.matched(v, r)
     }
 
     fn hcm(&self) -> Option<&HttpConnectionManager> {
-        self.listener.as_deref().map(|l| &l.hcm)
+        Some(&self.listener.as_deref()?.chains.get(self.chain)?.hcm)
     }
 }
 
@@ -123,13 +125,18 @@ impl ProxyHttp for LegateProxy {
             send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;
             return Ok(true);
         };
+        ctx.chain = crate::io::connection_chain(session);
+        let Some(chain) = listener.chains.get(ctx.chain) else {
+            send_local_reply(session, ctx, LocalReply::new(503, "listener changed")).await?;
+            return Ok(true);
+        };
         ctx.snapshot = Some(snapshot);
-        ctx.listener = Some(listener.clone());
         ctx.started = Some(Instant::now());
-        if !listener.hcm.access_logs.is_empty() {
+        if !chain.hcm.access_logs.is_empty() {
             ctx.start_time = Some(std::time::SystemTime::now());
         }
-        let hcm = &listener.hcm;
+        ctx.listener = Some(listener.clone());
+        let hcm = &listener.chains[ctx.chain].hcm;
         hcm.stats
             .downstream_rq_total
             .fetch_add(1, Ordering::Relaxed);
@@ -141,11 +148,16 @@ impl ProxyHttp for LegateProxy {
         }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx.local = local;
+        let scheme = match crate::io::connection_info(session).and_then(|i| i.tls.as_ref()) {
+            Some(_) => "https",
+            None => "http",
+        };
         let ds = downstream::mutate_request_headers(
             hcm,
             session.req_header_mut(),
             ctx.remote.map(|a| a.ip()),
             listener.address.port(),
+            scheme,
         );
         ctx.request_id = ds.request_id;
         ctx.client_ip = ds.remote;
@@ -613,7 +625,10 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         .unwrap_or("http");
     let mut view = RequestView::new(req.method.as_str(), path, host, scheme, &req.headers);
     view.remote_ip = ctx.client_ip;
-    let table = &listener.hcm.routes;
+    let Some(chain) = listener.chains.get(ctx.chain) else {
+        return Decision::Reply(LocalReply::new(503, "listener changed"));
+    };
+    let table = &chain.hcm.routes;
     let Some((v, r)) = table.route_index(&view) else {
         ctx.flags = "NR";
         return Decision::Reply(LocalReply::new(404, ""));

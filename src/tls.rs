@@ -1,0 +1,395 @@
+//! Downstream TLS from Envoy's `envoy.transport_sockets.tls` (`DownstreamTlsContext`), built
+//! on rustls with the ring provider (the same build Pingora uses).
+//!
+//! Files are read when the configuration is compiled, so a SIGHUP (or an LDS update)
+//! picks up renewed certificates; connections already open keep the context they were
+//! accepted with.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::ValidationContextType, tls_parameters::TlsProtocol, CommonTlsContext,
+    DownstreamTlsContext, TlsCertificate, TlsParameters,
+};
+use envoy_types::pb::google::protobuf::Any;
+use rustls::crypto::{ring as provider, CryptoProvider, SupportedKxGroup};
+use rustls::{ServerConfig, SupportedCipherSuite, SupportedProtocolVersion};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::error::{index, join, Errors};
+use crate::config::load::unpack_any;
+use crate::reject_set;
+use crate::route::entry::read_data_source;
+
+pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+const DOWNSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+
+/// A compiled server-side TLS context.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    /// From a filter chain's `transport_socket` typed_config.
+    pub fn convert(any: &Any, at: &str, errs: &mut Errors) -> Option<Self> {
+        let ctx: DownstreamTlsContext = match unpack_any(any, DOWNSTREAM_TLS_TYPE, at) {
+            Ok(c) => c,
+            Err(e) => {
+                errs.extend(e);
+                return None;
+            }
+        };
+        let at = join(at, "typed_config");
+        let DownstreamTlsContext {
+            common_tls_context,
+            require_client_certificate,
+            require_sni,
+            disable_stateful_session_resumption,
+            session_timeout,
+            ocsp_staple_policy,
+            full_scan_certs_on_sni_mismatch,
+            prefer_client_ciphers,
+            session_ticket_keys_type,
+        } = &ctx;
+        reject_set!(
+            errs,
+            &at,
+            disable_stateful_session_resumption,
+            session_timeout,
+            full_scan_certs_on_sni_mismatch,
+            prefer_client_ciphers,
+            session_ticket_keys_type,
+        );
+        // Only a client certificate requirement needs validation support (mTLS: not yet).
+        if require_client_certificate.is_some_and(|b| b.value) {
+            errs.add(
+                join(&at, "require_client_certificate"),
+                "client certificates (mTLS) are not supported yet",
+            );
+        }
+        // LENIENT_STAPLING (0) is the default and means "staple if configured"; with no
+        // staples configured every policy behaves alike except MUST_STAPLE.
+        if *ocsp_staple_policy == 2 {
+            errs.add(
+                join(&at, "ocsp_staple_policy"),
+                "MUST_STAPLE is not supported (no OCSP stapling)",
+            );
+        }
+        let require_sni = require_sni.is_some_and(|b| b.value);
+        let Some(common) = common_tls_context else {
+            errs.add(
+                join(&at, "common_tls_context"),
+                "required (a certificate is needed)",
+            );
+            return None;
+        };
+        let config = server_config(common, &join(&at, "common_tls_context"), require_sni, errs)?;
+        Some(ServerTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+fn server_config(
+    c: &CommonTlsContext,
+    at: &str,
+    require_sni: bool,
+    errs: &mut Errors,
+) -> Option<ServerConfig> {
+    let CommonTlsContext {
+        tls_params,
+        tls_certificates,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        alpn_protocols,
+        custom_handshaker,
+        key_log,
+        validation_context_type,
+    } = c;
+    reject_set!(
+        errs,
+        at,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        custom_handshaker,
+        key_log,
+    );
+    if let Some(v) = validation_context_type {
+        let field = match v {
+            ValidationContextType::ValidationContext(_) => "validation_context",
+            ValidationContextType::ValidationContextSdsSecretConfig(_) => {
+                "validation_context_sds_secret_config"
+            }
+            ValidationContextType::CombinedValidationContext(_) => "combined_validation_context",
+            ValidationContextType::ValidationContextCertificateProvider(_) => {
+                "validation_context_certificate_provider"
+            }
+            ValidationContextType::ValidationContextCertificateProviderInstance(_) => {
+                "validation_context_certificate_provider_instance"
+            }
+        };
+        errs.add(
+            join(at, field),
+            "client certificate validation (mTLS) is not supported yet",
+        );
+    }
+    let (versions, suites, groups) = match tls_params {
+        Some(p) => params(p, &join(at, "tls_params"), errs)?,
+        None => (
+            vec![&rustls::version::TLS13, &rustls::version::TLS12],
+            provider::DEFAULT_CIPHER_SUITES.to_vec(),
+            provider::DEFAULT_KX_GROUPS.to_vec(),
+        ),
+    };
+    let (chain, key) = match tls_certificates.as_slice() {
+        [one] => certificate(one, &index(&join(at, "tls_certificates"), 0), errs)?,
+        [] => {
+            errs.add(
+                join(at, "tls_certificates"),
+                "one certificate is required (SDS secrets are not supported yet)",
+            );
+            return None;
+        }
+        _ => {
+            errs.add(
+                join(at, "tls_certificates"),
+                "only one certificate per context is supported",
+            );
+            return None;
+        }
+    };
+    let provider = CryptoProvider {
+        cipher_suites: suites,
+        kx_groups: groups,
+        ..provider::default_provider()
+    };
+    let builder = match ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)
+    {
+        Ok(b) => b,
+        Err(e) => {
+            errs.add(join(at, "tls_params"), format!("{e}"));
+            return None;
+        }
+    };
+    let mut config = match builder.with_no_client_auth().with_single_cert(chain, key) {
+        Ok(c) => c,
+        Err(e) => {
+            errs.add(
+                index(&join(at, "tls_certificates"), 0),
+                format!("certificate and key do not form a usable pair: {e}"),
+            );
+            return None;
+        }
+    };
+    config.alpn_protocols = alpn_protocols
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    if require_sni {
+        config.cert_resolver = Arc::new(RequireSni(config.cert_resolver.clone()));
+    }
+    Some(config)
+}
+
+/// `require_sni`: refuse handshakes without a server name.
+#[derive(Debug)]
+struct RequireSni(Arc<dyn rustls::server::ResolvesServerCert>);
+
+impl rustls::server::ResolvesServerCert for RequireSni {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        hello.server_name()?;
+        self.0.resolve(hello)
+    }
+}
+
+type Params = (
+    Vec<&'static SupportedProtocolVersion>,
+    Vec<SupportedCipherSuite>,
+    Vec<&'static dyn SupportedKxGroup>,
+);
+
+fn params(p: &TlsParameters, at: &str, errs: &mut Errors) -> Option<Params> {
+    let TlsParameters {
+        tls_minimum_protocol_version,
+        tls_maximum_protocol_version,
+        cipher_suites,
+        ecdh_curves,
+        signature_algorithms,
+        compliance_policies,
+    } = p;
+    reject_set!(errs, at, signature_algorithms, compliance_policies);
+    let version = |v: i32, field: &str, default: u8, errs: &mut Errors| -> Option<u8> {
+        match TlsProtocol::try_from(v) {
+            Ok(TlsProtocol::TlsAuto) => Some(default),
+            Ok(TlsProtocol::TlSv12) => Some(2),
+            Ok(TlsProtocol::TlSv13) => Some(3),
+            Ok(TlsProtocol::TlSv10 | TlsProtocol::TlSv11) | Err(_) => {
+                errs.add(
+                    join(at, field),
+                    "only TLSv1_2 and TLSv1_3 are supported (rustls)",
+                );
+                None
+            }
+        }
+    };
+    // Envoy's server defaults: minimum TLS 1.2, maximum TLS 1.3.
+    let min = version(
+        *tls_minimum_protocol_version,
+        "tls_minimum_protocol_version",
+        2,
+        errs,
+    );
+    let max = version(
+        *tls_maximum_protocol_version,
+        "tls_maximum_protocol_version",
+        3,
+        errs,
+    );
+    // Keep going after a bad version so that every error is reported at once.
+    let (min, max) = (min.unwrap_or(2), max.unwrap_or(3));
+    if min > max {
+        errs.add(
+            join(at, "tls_minimum_protocol_version"),
+            "is above tls_maximum_protocol_version",
+        );
+        return None;
+    }
+    let mut versions = Vec::new();
+    if max >= 3 {
+        versions.push(&rustls::version::TLS13);
+    }
+    if min <= 2 {
+        versions.push(&rustls::version::TLS12);
+    }
+    // TLS 1.3 suites are not configurable in Envoy (BoringSSL); cipher_suites names the
+    // TLS 1.2 ones, in OpenSSL's names, optionally in [a|b] equal-preference groups.
+    let mut suites: Vec<SupportedCipherSuite> = provider::DEFAULT_CIPHER_SUITES
+        .iter()
+        .filter(|s| s.version() == &rustls::version::TLS13)
+        .copied()
+        .collect();
+    if cipher_suites.is_empty() {
+        suites.extend(
+            provider::DEFAULT_CIPHER_SUITES
+                .iter()
+                .filter(|s| s.version() == &rustls::version::TLS12),
+        );
+    } else {
+        for (i, entry) in cipher_suites.iter().enumerate() {
+            let names = entry.trim_start_matches('[').trim_end_matches(']');
+            for name in names.split('|') {
+                match tls12_suite(name.trim()) {
+                    Some(s) => suites.push(s),
+                    None => errs.add(
+                        index(&join(at, "cipher_suites"), i),
+                        format!("'{name}' is not supported (rustls offers the ECDHE AES-GCM and CHACHA20 suites)"),
+                    ),
+                }
+            }
+        }
+    }
+    let groups = if ecdh_curves.is_empty() {
+        provider::DEFAULT_KX_GROUPS.to_vec()
+    } else {
+        let mut groups: Vec<&'static dyn SupportedKxGroup> = Vec::new();
+        for (i, c) in ecdh_curves.iter().enumerate() {
+            match c.as_str() {
+                "X25519" => groups.push(provider::kx_group::X25519),
+                "P-256" => groups.push(provider::kx_group::SECP256R1),
+                "P-384" => groups.push(provider::kx_group::SECP384R1),
+                _ => errs.add(
+                    index(&join(at, "ecdh_curves"), i),
+                    format!("'{c}' is not supported (X25519, P-256, P-384)"),
+                ),
+            }
+        }
+        groups
+    };
+    Some((versions, suites, groups))
+}
+
+fn tls12_suite(name: &str) -> Option<SupportedCipherSuite> {
+    use provider::cipher_suite as cs;
+    Some(match name {
+        "ECDHE-ECDSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        "ECDHE-ECDSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        "ECDHE-ECDSA-CHACHA20-POLY1305" => cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        "ECDHE-RSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        "ECDHE-RSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        "ECDHE-RSA-CHACHA20-POLY1305" => cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        _ => return None,
+    })
+}
+
+fn certificate(
+    c: &TlsCertificate,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let TlsCertificate {
+        certificate_chain,
+        private_key,
+        watched_directory,
+        private_key_provider,
+        password,
+        ocsp_staple,
+        signed_certificate_timestamp,
+        pkcs12,
+        tls_params,
+    } = c;
+    reject_set!(
+        errs,
+        at,
+        watched_directory,
+        private_key_provider,
+        password,
+        ocsp_staple,
+        signed_certificate_timestamp,
+        pkcs12,
+        tls_params,
+    );
+    let chain_at = join(at, "certificate_chain");
+    let key_at = join(at, "private_key");
+    let Some(chain) = certificate_chain else {
+        errs.add(chain_at, "required");
+        return None;
+    };
+    let Some(key) = private_key else {
+        errs.add(key_at, "required");
+        return None;
+    };
+    let chain_pem = read_data_source(chain, &chain_at, errs)?;
+    let key_pem = read_data_source(key, &key_at, errs)?;
+    let chain: Vec<CertificateDer<'static>> =
+        match CertificateDer::pem_slice_iter(&chain_pem).collect::<Result<_, _>>() {
+            Ok(c) => c,
+            Err(e) => {
+                errs.add(chain_at, format!("not a PEM certificate chain: {e}"));
+                return None;
+            }
+        };
+    if chain.is_empty() {
+        errs.add(chain_at, "no PEM certificate found");
+        return None;
+    }
+    let key = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(k) => k,
+        Err(e) => {
+            errs.add(key_at, format!("not a PEM private key: {e}"));
+            return None;
+        }
+    };
+    Some((chain, key))
+}

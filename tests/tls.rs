@@ -1,0 +1,324 @@
+//! Downstream TLS: filter chains chosen by SNI (exact, wildcard, fallback), certificates
+//! generated here with rcgen, plain and TLS listeners side by side, HTTP/2 by ALPN,
+//! certificates re-read on SIGHUP without dropping open connections, and bad TLS config
+//! rejected with its field path.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+struct Cert {
+    pem: String,
+    key: String,
+    der: Vec<u8>,
+}
+
+fn cert(names: &[&str]) -> Cert {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let c = rcgen::generate_simple_self_signed(names).unwrap();
+    Cert {
+        pem: c.cert.pem(),
+        key: c.signing_key.serialize_pem(),
+        der: c.cert.der().to_vec(),
+    }
+}
+
+fn write_cert(dir: &Path, name: &str, c: &Cert) -> (String, String) {
+    let crt = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&crt, &c.pem).unwrap();
+    std::fs::write(&key, &c.key).unwrap();
+    (crt.display().to_string(), key.display().to_string())
+}
+
+fn hcm(prefix: &str, route: &str) -> String {
+    format!(
+        r#"      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {prefix}
+          route_config:
+            virtual_hosts: [{{name: vh, domains: ["*"], routes: [{{match: {{prefix: /}}, {route}}}]}}]
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+"#
+    )
+}
+
+fn tls_socket((crt, key): &(String, String), alpn: &str) -> String {
+    format!(
+        r#"      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [{alpn}]
+            tls_certificates: [{{certificate_chain: {{filename: {crt}}}, private_key: {{filename: {key}}}}}]
+"#
+    )
+}
+
+fn direct(body: &str) -> String {
+    format!("direct_response: {{status: 200, body: {{inline_string: {body}}}}}")
+}
+
+/// A rustls client trusting exactly `roots`.
+fn client(roots: &[&Cert], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(CertificateDer::from(r.der.clone())).unwrap();
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn connect(port: u16, sni: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<Tls> {
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Drive the handshake so that certificate errors surface here.
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// One HTTP/1.1 request on a TLS stream; reads a content-length framed response.
+fn get_on(tls: &mut Tls, host: &str) -> Response {
+    let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    tls.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return parse_response(&buf);
+            }
+        }
+    }
+}
+
+fn https_get(port: u16, sni: &str, roots: &[&Cert]) -> Response {
+    let mut tls = connect(port, sni, client(roots, &[b"http/1.1"])).unwrap();
+    get_on(&mut tls, sni)
+}
+
+#[test]
+fn sni_selects_the_filter_chain_and_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start("up");
+    let a = cert(&["a.example.com"]);
+    let b = cert(&["*.b.example.com"]);
+    let d = cert(&["default.example.com", "y.a.example.com"]);
+    let (fa, fb, fd) = (
+        write_cert(dir.path(), "a", &a),
+        write_cert(dir.path(), "b", &b),
+        write_cert(dir.path(), "d", &d),
+    );
+    let port = free_port();
+    let yaml = format!(
+        r#"static_resources:
+  listeners:
+  - name: https
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    listener_filters: [{{name: envoy.filters.listener.tls_inspector}}]
+    filter_chains:
+    - filter_chain_match: {{server_names: [a.example.com]}}
+{ta}{ha}    - filter_chain_match: {{server_names: ["*.b.example.com"]}}
+{tb}{hb}    - {{}}
+{td}{hd}  clusters:{cluster}
+"#,
+        ta = tls_socket(&fa, "http/1.1"),
+        ha = hcm("a", &direct("chain-a")),
+        tb = tls_socket(&fb, "http/1.1"),
+        hb = hcm("b", &direct("chain-b")),
+        td = tls_socket(&fd, "http/1.1"),
+        hd = hcm("d", "route: {cluster: up}"),
+        cluster = cluster_yaml("up", &[up.port()], ""),
+    )
+    .replace("    - {}\n      transport_socket", "    - transport_socket");
+    let _l = Legate::start(&yaml, port);
+
+    let r = https_get(port, "a.example.com", &[&a]);
+    assert_eq!((r.status, r.body.as_str()), (200, "chain-a"));
+    // The wildcard chain, with its own certificate (the client trusts only that one).
+    let r = https_get(port, "x.b.example.com", &[&b]);
+    assert_eq!((r.status, r.body.as_str()), (200, "chain-b"));
+    // No name matches: the chain without server_names, proxying upstream over TLS.
+    let r = https_get(port, "default.example.com", &[&d]);
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("https"));
+    // An exact name is not a wildcard match for a deeper name, nor the other way round.
+    assert_eq!(https_get(port, "y.a.example.com", &[&d]).status, 200);
+    assert!(connect(port, "b.example.com", client(&[&b], &[])).is_err());
+    // Plaintext to a TLS-only listener: the connection is closed, as Envoy's handshake fails.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+}
+
+#[test]
+fn plain_and_tls_listeners_side_by_side_and_h2_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start("up");
+    let c = cert(&["gw.example.com"]);
+    let files = write_cert(dir.path(), "gw", &c);
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let yaml = format!(
+        r#"static_resources:
+  listeners:
+  - name: https
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {tls_port}}}}}
+    filter_chains:
+    -
+{t}{h}{plain}
+  clusters:{cluster}
+"#,
+        t = tls_socket(&files, "h2, http/1.1"),
+        h = hcm("https", "route: {cluster: up}"),
+        plain = listener_yaml(
+            "plain",
+            plain_port,
+            "virtual_hosts: [{name: vh, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: up}}]}]",
+            ""
+        ),
+        cluster = cluster_yaml("up", &[up.port()], ""),
+    )
+    .replace("    -\n      transport_socket", "    - transport_socket");
+    let _l = Legate::start(&yaml, tls_port);
+    assert_eq!(get(plain_port, "/", "x").status, 200);
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("http"));
+    assert_eq!(https_get(tls_port, "gw.example.com", &[&c]).status, 200);
+
+    // HTTP/2, negotiated by ALPN, end to end through the proxy.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body, proto) = rt.block_on(async {
+        let config = client(&[&c], &[b"h2"]);
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("gw.example.com").unwrap(), tcp)
+            .await
+            .unwrap();
+        let proto = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+        let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("https://gw.example.com/h2")
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            bytes.extend_from_slice(&chunk.unwrap());
+        }
+        (status, String::from_utf8(bytes).unwrap(), proto)
+    });
+    assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(status, 200);
+    assert_eq!(body.trim(), "up");
+    assert_eq!(up.last().path, "/h2");
+}
+
+#[test]
+fn certificates_reload_on_sighup_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = cert(&["gw.example.com"]);
+    let files = write_cert(dir.path(), "gw", &old);
+    let port = free_port();
+    let yaml = format!(
+        "static_resources:\n  listeners:\n  - name: https\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    - transport_socket:\n{t}{h}",
+        t = tls_socket(&files, "http/1.1")
+            .trim_start_matches("      transport_socket:\n"),
+        h = hcm("https", &direct("ok")),
+    );
+    let l = Legate::start(&yaml, port);
+    let mut open = connect(port, "gw.example.com", client(&[&old], &[])).unwrap();
+    assert_eq!(get_on(&mut open, "gw").body, "ok");
+
+    let new = cert(&["gw.example.com"]);
+    write_cert(dir.path(), "gw", &new);
+    l.signal("HUP");
+    eventually(10, "the renewed certificate is served", || {
+        connect(port, "gw.example.com", client(&[&new], &[])).is_ok()
+    });
+    assert!(connect(port, "gw.example.com", client(&[&old], &[])).is_err());
+    // The connection accepted before the reload keeps working.
+    assert_eq!(get_on(&mut open, "gw").body, "ok");
+
+    // A key that does not parse: the reload is rejected and the last good config serves.
+    std::fs::write(&files.1, "not a key").unwrap();
+    l.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(https_get(port, "gw.example.com", &[&new]).body, "ok");
+}
+
+#[test]
+fn bad_tls_config_is_rejected_with_its_field_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cert(&["gw.example.com"]);
+    let (crt, _) = write_cert(dir.path(), "gw", &c);
+    let missing = dir.path().join("missing.key").display().to_string();
+    let yaml = format!(
+        "static_resources:\n  listeners:\n  - name: https\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}\n    filter_chains:\n    - filter_chain_match: {{server_names: ['a.*.com'], destination_port: 443}}\n      transport_socket:\n{t}{h}",
+        t = tls_socket(&(crt, missing), "http/1.1")
+            .trim_start_matches("      transport_socket:\n")
+            .replace("tls_certificates:", "tls_params: {tls_minimum_protocol_version: TLSv1_0, cipher_suites: [AES128-SHA]}\n            tls_certificates:"),
+        h = hcm("https", &direct("ok")),
+    );
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let output = std::process::Command::new(legate_bin())
+        .args(["--validate", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let at = "static_resources.listeners[0].filter_chains[0]";
+    for expected in [
+        format!("{at}.filter_chain_match.server_names[0]"),
+        format!("{at}.filter_chain_match.destination_port"),
+        format!("{at}.transport_socket.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version"),
+        format!("{at}.transport_socket.typed_config.common_tls_context.tls_params.cipher_suites[0]"),
+        format!("{at}.transport_socket.typed_config.common_tls_context.tls_certificates[0].private_key.filename"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected} in:\n{out}");
+    }
+    assert!(!output.status.success());
+}
