@@ -439,7 +439,10 @@ fn listener_filter(
                 Err(e) => errs.extend(e),
             }
         }
-        None if name == TLS_INSPECTOR => {}
+        None if name == TLS_INSPECTOR => errs.add(
+            join(at, "typed_config"),
+            format!("required (type.googleapis.com/{TLS_INSPECTOR_TYPE}), as in Envoy"),
+        ),
         _ => errs.add(
             at,
             format!("listener filter '{name}' is not supported (only {TLS_INSPECTOR})"),
