@@ -102,6 +102,7 @@ pub struct Record {
     pub remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub route_name: String,
+    pub protocol: &'static str,
 }
 
 /// A `%REQ(a?b):len%` operator's header names and length limit.
@@ -403,7 +404,7 @@ fn value(op: &Op, r: &Record) -> Option<String> {
         Op::Duration => r.duration.as_millis().to_string(),
         Op::UpstreamHost => r.upstream_host?.to_string(),
         Op::UpstreamCluster => r.upstream_cluster.clone()?,
-        Op::Protocol => "HTTP/1.1".to_string(),
+        Op::Protocol => r.protocol.to_string(),
         Op::DownstreamRemoteAddress => r.remote?.to_string(),
         Op::DownstreamRemoteAddressWithoutPort => r.remote?.ip().to_string(),
         Op::DownstreamLocalAddress => r.local?.to_string(),
@@ -554,6 +555,7 @@ mod tests {
             bytes_sent: 42,
             duration: Duration::from_millis(7),
             upstream_host: Some("127.0.0.1:8080".parse().unwrap()),
+            protocol: "HTTP/1.1",
             ..Default::default()
         }
     }

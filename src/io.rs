@@ -27,7 +27,7 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 
 /// Pingora's `DEFAULT_L4_WRITE_BUFFER_SIZE`: one Ethernet MSS.
 const WRITE_BUFFER: usize = 1460;
@@ -87,12 +87,15 @@ impl Transport for tokio_rustls::server::TlsStream<L4Stream> {
 #[derive(Debug)]
 pub struct Downstream<T: Transport> {
     io: BufWriter<T>,
+    /// Pingora peeks for the HTTP/2 preface before every request on a connection; only the
+    /// first can carry it, and only where the codec allows h2c.
+    peek_h2c: bool,
     info: Option<Arc<ProxyDigest>>,
     ssl: Option<Arc<SslDigest>>,
 }
 
 impl<T: Transport> Downstream<T> {
-    pub fn new(stream: T, info: Option<ConnectionInfo>) -> Self {
+    pub fn new(stream: T, info: Option<ConnectionInfo>, h2c: bool) -> Self {
         let ssl = info
             .as_ref()
             .and_then(|i| i.tls.as_ref())
@@ -107,6 +110,7 @@ impl<T: Transport> Downstream<T> {
         });
         Downstream {
             io: BufWriter::with_capacity(WRITE_BUFFER, stream),
+            peek_h2c: h2c,
             info,
             ssl,
         }
@@ -197,7 +201,31 @@ impl<T: Transport> Ssl for Downstream<T> {
 #[async_trait]
 impl<T: Transport> Peek for Downstream<T> {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.io.get_mut().l4_mut().try_peek(buf).await
+        // "Cannot peek" makes Pingora read HTTP/1 without waiting for preface-sized input.
+        if !std::mem::take(&mut self.peek_h2c) {
+            return Ok(false);
+        }
+        // Pingora's own peek waits for the full preface length, which hangs a short HTTP/1
+        // request (`GET / HTTP/1.0` with no headers is 18 bytes); stop reading as soon as
+        // the bytes cannot be the preface. What was read is put back for the codec.
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let l4 = self.io.get_mut().l4_mut();
+        let want = buf.len().min(PREFACE.len());
+        let mut filled = 0;
+        while filled < want {
+            let n = l4.read(&mut buf[filled..want]).await?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            if buf[..filled] != PREFACE[..filled] {
+                break;
+            }
+        }
+        l4.rewind(&buf[..filled]);
+        // Leftover bytes of `buf` must not complete a preface by accident.
+        buf[filled..].fill(0);
+        Ok(true)
     }
 }
 

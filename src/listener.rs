@@ -66,6 +66,9 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
+    /// `codec_type: AUTO` on plaintext also accepts HTTP/2 with prior knowledge (h2c), as
+    /// Envoy detects the connection preface; `HTTP1` does not.
+    pub h2c: bool,
     pub routes: RouteTable,
     pub filters: HttpFilterChain,
     pub server_name: String,
@@ -729,6 +732,7 @@ fn convert_hcm(
     }
     match CodecType::try_from(*codec_type) {
         Ok(CodecType::Auto) | Ok(CodecType::Http1) => {}
+        // Handled below: HTTP2 (h2 only) is not offered yet.
         Ok(other) => errs.add(
             join(at, "codec_type"),
             format!("{} is not supported yet", other.as_str_name()),
@@ -833,6 +837,7 @@ fn convert_hcm(
     };
     let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
     Some(HttpConnectionManager {
+        h2c: *codec_type == CodecType::Auto as i32,
         access_logs,
         stat_prefix: stat_prefix.clone(),
         routes: routes?,

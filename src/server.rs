@@ -96,10 +96,12 @@ impl ListenerManager {
             max_retries: 1_000_000,
             ..ServerConf::default()
         });
-        let app = Arc::new(pingora::proxy::http_proxy(
-            &conf,
-            LegateProxy::new(shared.clone()),
-        ));
+        let mut app = pingora::proxy::http_proxy(&conf, LegateProxy::new(shared.clone()));
+        // Pingora looks for the h2c preface only where the stream lets it peek (see io.rs).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+        let app = Arc::new(app);
         Ok(ListenerManager {
             workers,
             app,
@@ -393,7 +395,8 @@ async fn serve_connection(
             Some(s) => s,
             None => return,
         },
-        _ => Box::new(Downstream::new(l4, None)),
+        Some(l) => Box::new(Downstream::new(l4, None, l.hcm().h2c)),
+        None => Box::new(Downstream::new(l4, None, false)),
     };
     drop(snapshot);
     let mut next = app.process_new(stream, &shutdown).await;
@@ -446,8 +449,9 @@ async fn accept_inspected(
             );
             return None;
         }
+        let h2c = listener.chains[chain].hcm.h2c;
         let info = ConnectionInfo { chain, tls: None };
-        return Some(Box::new(Downstream::new(l4, Some(info))));
+        return Some(Box::new(Downstream::new(l4, Some(info), h2c)));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
     let start = match tokio::time::timeout(within(listener.inspect_timeout), acceptor).await {
@@ -501,7 +505,7 @@ async fn accept_inspected(
             cipher,
         }),
     };
-    Some(Box::new(Downstream::new(stream, Some(info))))
+    Some(Box::new(Downstream::new(stream, Some(info), false)))
 }
 
 /// Envoy's `cluster_manager.cluster_added|modified|removed` and the `listener_manager`

@@ -309,17 +309,6 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
             ),
         }
     }
-    for (i, l) in listeners.iter().enumerate() {
-        let at = format!("listeners[{}]", l.name);
-        let _ = i;
-        for chain in &l.chains {
-            chain.hcm.routes.check_http2_clusters(
-                &join(&at, "route_config"),
-                &|n| clusters.get(n).is_some_and(|c| c.http2),
-                &mut errs,
-            );
-        }
-    }
     errs.into_result(())?;
     Ok(Snapshot {
         listeners,

@@ -393,3 +393,241 @@ fn certificate(
     };
     Some((chain, key))
 }
+
+const UPSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// A cluster's `UpstreamTlsContext`, in the form Pingora's peer options take.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Fixed SNI; empty sends none.
+    pub sni: String,
+    /// `auto_host_sni` (or the cluster's `auto_sni`): SNI from the request's host.
+    pub auto_sni: bool,
+    /// Check the certificate's names against the SNI (`auto_sni_san_validation`, or a
+    /// `match_typed_subject_alt_names` entry equal to the SNI).
+    pub verify_hostname: bool,
+    /// `validation_context.trusted_ca`; without it, as in Envoy, the server certificate is
+    /// not verified.
+    pub ca: Option<Arc<[pingora::utils::tls::WrappedX509]>>,
+    pub client_cert: Option<Arc<pingora::utils::tls::CertKey>>,
+    pub alpn_h2: bool,
+}
+
+impl UpstreamTls {
+    pub fn convert(any: &Any, at: &str, errs: &mut Errors) -> Option<Self> {
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+        let ctx: UpstreamTlsContext = match unpack_any(any, UPSTREAM_TLS_TYPE, at) {
+            Ok(c) => c,
+            Err(e) => {
+                errs.extend(e);
+                return None;
+            }
+        };
+        let at = join(at, "typed_config");
+        let UpstreamTlsContext {
+            common_tls_context,
+            sni,
+            auto_host_sni,
+            auto_sni_san_validation,
+            allow_renegotiation,
+            max_session_keys,
+            enforce_rsa_key_usage,
+        } = &ctx;
+        reject_set!(
+            errs,
+            &at,
+            allow_renegotiation,
+            max_session_keys,
+            enforce_rsa_key_usage
+        );
+        let mut tls = UpstreamTls {
+            sni: sni.clone(),
+            auto_sni: *auto_host_sni,
+            verify_hostname: *auto_sni_san_validation,
+            ca: None,
+            client_cert: None,
+            alpn_h2: false,
+        };
+        if let Some(c) = common_tls_context {
+            upstream_common(c, &join(&at, "common_tls_context"), &mut tls, errs);
+        }
+        if tls.ca.is_some() && tls.sni.is_empty() && !tls.auto_sni {
+            // Pingora skips all verification without an SNI; refuse rather than not verify.
+            errs.add(
+                join(&at, "sni"),
+                "required with validation_context.trusted_ca (or set auto_host_sni)",
+            );
+        }
+        Some(tls)
+    }
+}
+
+fn upstream_common(c: &CommonTlsContext, at: &str, tls: &mut UpstreamTls, errs: &mut Errors) {
+    let CommonTlsContext {
+        tls_params,
+        tls_certificates,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        alpn_protocols,
+        custom_handshaker,
+        key_log,
+        validation_context_type,
+    } = c;
+    reject_set!(
+        errs,
+        at,
+        tls_params,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        custom_handshaker,
+        key_log,
+    );
+    // ALPN for upstreams follows the cluster's HTTP protocol options (as Envoy sets it).
+    if !alpn_protocols.is_empty() {
+        errs.add(
+            join(at, "alpn_protocols"),
+            "set the protocol with the cluster's typed_extension_protocol_options instead",
+        );
+    }
+    match tls_certificates.as_slice() {
+        [] => {}
+        [one] => {
+            let cat = index(&join(at, "tls_certificates"), 0);
+            if let Some((chain, key)) = certificate(one, &cat, errs) {
+                if chain
+                    .iter()
+                    .all(|c| x509_parser::parse_x509_certificate(c).is_ok())
+                    && PrivateKeyDer::try_from(key.secret_der().to_vec()).is_ok()
+                {
+                    let certs = chain.iter().map(|c| c.to_vec()).collect();
+                    tls.client_cert = Some(Arc::new(pingora::utils::tls::CertKey::new(
+                        certs,
+                        key.secret_der().to_vec(),
+                    )));
+                } else {
+                    errs.add(cat, "certificate or key cannot be parsed");
+                }
+            }
+        }
+        _ => errs.add(
+            join(at, "tls_certificates"),
+            "only one client certificate is supported",
+        ),
+    }
+    match validation_context_type {
+        None => {}
+        Some(ValidationContextType::ValidationContext(v)) => {
+            validation(v, &join(at, "validation_context"), tls, errs)
+        }
+        Some(_) => errs.add(
+            at,
+            "only an inline validation_context is supported (no SDS or certificate providers)",
+        ),
+    }
+}
+
+fn validation(
+    v: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext,
+    at: &str,
+    tls: &mut UpstreamTls,
+    errs: &mut Errors,
+) {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext;
+    let CertificateValidationContext {
+        trusted_ca,
+        ca_certificate_provider_instance,
+        system_root_certs,
+        watched_directory,
+        verify_certificate_spki,
+        verify_certificate_hash,
+        match_typed_subject_alt_names,
+        match_subject_alt_names,
+        require_signed_certificate_timestamp,
+        crl,
+        allow_expired_certificate,
+        trust_chain_verification,
+        custom_validator_config,
+        only_verify_leaf_cert_crl,
+        max_verify_depth,
+        suppress_client_ca_list,
+    } = v;
+    reject_set!(
+        errs,
+        at,
+        ca_certificate_provider_instance,
+        system_root_certs,
+        watched_directory,
+        verify_certificate_spki,
+        verify_certificate_hash,
+        match_subject_alt_names,
+        require_signed_certificate_timestamp,
+        crl,
+        allow_expired_certificate,
+        trust_chain_verification,
+        custom_validator_config,
+        only_verify_leaf_cert_crl,
+        max_verify_depth,
+        suppress_client_ca_list,
+    );
+    // A SAN matcher equal to the SNI is what Pingora's hostname check verifies; anything
+    // else would be accepted and not enforced, so it is refused.
+    for (i, m) in match_typed_subject_alt_names.iter().enumerate() {
+        use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+        let exact = m.matcher.as_ref().and_then(|s| match &s.match_pattern {
+            Some(MatchPattern::Exact(e)) if !s.ignore_case => Some(e.as_str()),
+            _ => None,
+        });
+        if m.san_type == 2 && exact.is_some_and(|e| e == tls.sni) && !tls.sni.is_empty() {
+            tls.verify_hostname = true;
+        } else {
+            errs.add(
+                index(&join(at, "match_typed_subject_alt_names"), i),
+                "only a DNS exact match equal to the cluster's sni is supported",
+            );
+        }
+    }
+    let Some(ca) = trusted_ca else {
+        if !match_typed_subject_alt_names.is_empty() {
+            errs.add(
+                join(at, "trusted_ca"),
+                "required to check subject alt names",
+            );
+        }
+        return;
+    };
+    let cat = join(at, "trusted_ca");
+    let Some(pem) = read_data_source(ca, &cat, errs) else {
+        return;
+    };
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        CertificateDer::pem_slice_iter(&pem).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => {
+            if certs
+                .iter()
+                .any(|c| x509_parser::parse_x509_certificate(c).is_err())
+            {
+                errs.add(cat, "a CA certificate cannot be parsed");
+                return;
+            }
+            let wrapped: Vec<pingora::utils::tls::WrappedX509> = certs
+                .iter()
+                .map(|c| {
+                    pingora::utils::tls::WrappedX509::new(
+                        c.to_vec(),
+                        pingora::utils::tls::parse_x509,
+                    )
+                })
+                .collect();
+            tls.ca = Some(Arc::from(wrapped));
+        }
+        Ok(_) => errs.add(cat, "no PEM certificate found"),
+        Err(e) => errs.add(cat, format!("not PEM certificates: {e}")),
+    }
+}

@@ -192,10 +192,33 @@ pub(super) fn convert_upstream_http_options(
         .map(duration::to_std)
 }
 
+/// Which HTTP version a cluster's connections speak (Envoy's `HttpProtocolOptions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// `explicit_http_config.http2_protocol_options`: h2 over TLS, h2c in plaintext.
+    Http2,
+    /// `use_downstream_protocol_config`: what the client spoke.
+    MatchDownstream,
+    /// `auto_config`: negotiated by ALPN (TLS clusters only).
+    Alpn,
+}
+
+/// The parts of `HttpProtocolOptions` that shape the upstream connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProtocolSettings {
+    pub protocol: UpstreamProtocol,
+    /// `upstream_http_protocol_options.auto_sni`.
+    pub auto_sni: bool,
+    /// `upstream_http_protocol_options.auto_san_validation`.
+    pub auto_san_validation: bool,
+}
+
 pub(super) fn convert_http_protocol_options(
     o: &HttpProtocolOptions,
     at: &str,
-    http2: &mut bool,
+    settings: &mut ProtocolSettings,
     errs: &mut Errors,
 ) -> Option<Duration> {
     let HttpProtocolOptions {
@@ -209,10 +232,20 @@ pub(super) fn convert_http_protocol_options(
         retry_policy,
         upstream_protocol_options,
     } = o;
+    if let Some(u) = upstream_http_protocol_options {
+        let envoy_types::pb::envoy::config::core::v3::UpstreamHttpProtocolOptions {
+            auto_sni,
+            auto_san_validation,
+            override_auto_sni_header,
+        } = u;
+        let uat = join(at, "upstream_http_protocol_options");
+        reject_set!(errs, &uat, override_auto_sni_header);
+        settings.auto_sni = *auto_sni;
+        settings.auto_san_validation = *auto_san_validation;
+    }
     reject_set!(
         errs,
         at,
-        upstream_http_protocol_options,
         http_filters,
         header_validation_config,
         outlier_detection,
@@ -232,15 +265,12 @@ pub(super) fn convert_http_protocol_options(
                 }
             }
             Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
-                // HTTP/2 serves the gRPC control plane (ADS, gRPC health checks); routes
-                // that proxy to such a cluster are rejected when the snapshot compiles.
-                if *h2 != Default::default() {
-                    errs.add(
-                        join(at, "explicit_http_config.http2_protocol_options"),
-                        "HTTP/2 options are not supported (leave it empty)",
-                    );
-                }
-                *http2 = true;
+                check_h2_options(
+                    h2,
+                    &join(at, "explicit_http_config.http2_protocol_options"),
+                    errs,
+                );
+                settings.protocol = UpstreamProtocol::Http2;
             }
             Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
                 errs.add(
@@ -250,19 +280,58 @@ pub(super) fn convert_http_protocol_options(
             }
             None => errs.add(join(at, "explicit_http_config"), "a protocol is required"),
         },
-        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
-            errs.add(
-                join(at, "use_downstream_protocol_config"),
-                "not supported yet",
-            );
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(d)) => {
+            let dat = join(at, "use_downstream_protocol_config");
+            if d.http_protocol_options
+                .as_ref()
+                .is_some_and(|h| *h != Default::default())
+            {
+                errs.add(
+                    join(&dat, "http_protocol_options"),
+                    "HTTP/1.1 options are not supported (leave it empty)",
+                );
+            }
+            if let Some(h2) = &d.http2_protocol_options {
+                check_h2_options(h2, &join(&dat, "http2_protocol_options"), errs);
+            }
+            if d.http3_protocol_options.is_some() {
+                errs.add(join(&dat, "http3_protocol_options"), "not supported");
+            }
+            settings.protocol = UpstreamProtocol::MatchDownstream;
         }
-        Some(UpstreamProtocolOptions::AutoConfig(_)) => {
-            errs.add(join(at, "auto_config"), "not supported yet");
+        Some(UpstreamProtocolOptions::AutoConfig(a)) => {
+            let aat = join(at, "auto_config");
+            if a.http_protocol_options
+                .as_ref()
+                .is_some_and(|h| *h != Default::default())
+            {
+                errs.add(
+                    join(&aat, "http_protocol_options"),
+                    "HTTP/1.1 options are not supported (leave it empty)",
+                );
+            }
+            if let Some(h2) = &a.http2_protocol_options {
+                check_h2_options(h2, &join(&aat, "http2_protocol_options"), errs);
+            }
+            if a.http3_protocol_options.is_some() || a.alternate_protocols_cache_options.is_some() {
+                errs.add(&aat, "HTTP/3 is not supported");
+            }
+            settings.protocol = UpstreamProtocol::Alpn;
         }
     }
     common_http_protocol_options.as_ref().and_then(|c| {
         convert_upstream_http_options(c, &join(at, "common_http_protocol_options"), errs)
     })
+}
+
+fn check_h2_options(
+    h2: &envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions,
+    at: &str,
+    errs: &mut Errors,
+) {
+    if *h2 != Default::default() {
+        errs.add(at, "HTTP/2 options are not supported (leave it empty)");
+    }
 }
 
 pub(super) fn convert_load_assignment(

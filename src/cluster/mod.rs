@@ -2,7 +2,7 @@
 
 mod background;
 pub mod circuit;
-mod config;
+pub mod config;
 pub mod health;
 pub mod host;
 pub mod lb;
@@ -80,8 +80,10 @@ pub struct Cluster {
     endpoints: Vec<EndpointSpec>,
     /// The EDS resource name of an EDS cluster.
     pub eds_service: Option<String>,
-    /// Configured for HTTP/2 upstream (usable for gRPC control traffic, not for routes).
-    pub http2: bool,
+    /// The HTTP version(s) its connections speak, and SNI options.
+    pub protocol: config::ProtocolSettings,
+    /// `transport_socket` `envoy.transport_sockets.tls`.
+    pub tls: Option<crate::tls::UpstreamTls>,
     /// `cluster.<name>.*` counters, shared across configurations.
     pub stats: Arc<crate::stats::ClusterStats>,
     pub circuit: Arc<CircuitBreaker>,
@@ -193,7 +195,6 @@ impl Cluster {
             cleanup_interval,
             upstream_bind_config,
             lb_subset_config,
-            transport_socket,
             protocol_selection,
             upstream_connection_options,
             close_connections_on_host_health_failure,
@@ -262,7 +263,7 @@ impl Cluster {
         let circuit =
             CircuitBreaker::convert(circuit_breakers, &join(at, "circuit_breakers"), errs);
         let mut idle_timeout = DEFAULT_UPSTREAM_IDLE_TIMEOUT;
-        let mut http2 = false;
+        let mut protocol = config::ProtocolSettings::default();
         if let Some(opts) = common_http_protocol_options {
             let at = join(at, "common_http_protocol_options");
             if let Some(t) = convert_upstream_http_options(opts, &at, errs) {
@@ -277,11 +278,45 @@ impl Cluster {
             }
             match unpack_any::<HttpProtocolOptions>(any, HTTP_PROTOCOL_OPTIONS, &at) {
                 Ok(o) => {
-                    if let Some(t) = convert_http_protocol_options(&o, &at, &mut http2, errs) {
+                    if let Some(t) = convert_http_protocol_options(&o, &at, &mut protocol, errs) {
                         idle_timeout = t;
                     }
                 }
                 Err(e) => errs.extend(e),
+            }
+        }
+        let tls = transport_socket.as_ref().and_then(|ts| {
+            use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+            let tat = join(at, "transport_socket");
+            match &ts.config_type {
+                Some(ConfigType::TypedConfig(any)) => {
+                    crate::tls::UpstreamTls::convert(any, &tat, errs)
+                }
+                None => {
+                    errs.add(&tat, "typed_config is required");
+                    None
+                }
+            }
+        });
+        if let Some(t) = &tls {
+            if protocol.auto_san_validation && !(protocol.auto_sni || t.auto_sni) {
+                errs.add(
+                    join(at, "typed_extension_protocol_options"),
+                    "auto_san_validation needs auto_sni",
+                );
+            }
+        } else {
+            if protocol.protocol == config::UpstreamProtocol::Alpn {
+                errs.add(
+                    join(at, "typed_extension_protocol_options"),
+                    "auto_config needs a TLS transport_socket (ALPN)",
+                );
+            }
+            if protocol.auto_sni || protocol.auto_san_validation {
+                errs.add(
+                    join(at, "typed_extension_protocol_options"),
+                    "auto_sni and auto_san_validation need a TLS transport_socket",
+                );
             }
         }
         let eds_service = match (discovery, eds_cluster_config) {
@@ -360,7 +395,8 @@ impl Cluster {
                 .unwrap_or(DEFAULT_DNS_REFRESH),
             endpoints,
             eds_service,
-            http2,
+            protocol,
+            tls,
             stats: crate::stats::cluster(name),
             circuit: Arc::new(circuit),
             health_check,

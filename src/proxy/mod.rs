@@ -60,6 +60,8 @@ pub struct RequestCtx {
     listener: Option<Arc<Listener>>,
     /// The listener's filter chain this connection was matched to.
     chain: usize,
+    /// Envoy's `%PROTOCOL%`: HTTP/1.1 or HTTP/2.
+    protocol: &'static str,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<(usize, usize)>,
     weighted: Option<usize>,
@@ -126,6 +128,11 @@ impl ProxyHttp for LegateProxy {
             return Ok(true);
         };
         ctx.chain = crate::io::connection_chain(session);
+        ctx.protocol = if session.is_http2() {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
         let Some(chain) = listener.chains.get(ctx.chain) else {
             send_local_reply(session, ctx, LocalReply::new(503, "listener changed")).await?;
             return Ok(true);
@@ -142,6 +149,12 @@ impl ProxyHttp for LegateProxy {
             .fetch_add(1, Ordering::Relaxed);
         // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
         session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
+        if session.req_header().version == http::Version::HTTP_10 {
+            // Envoy's default (`accept_http_10: false`): 426 and close.
+            session.set_keepalive(None);
+            send_local_reply(session, ctx, LocalReply::new(426, "")).await?;
+            return Ok(true);
+        }
         if let Some(t) = hcm.request_timeout {
             // Bounds each wait for more of the request body (Envoy bounds the whole request).
             session.as_downstream_mut().set_read_timeout(Some(t));
@@ -207,7 +220,7 @@ impl ProxyHttp for LegateProxy {
     /// route and the retry policy.
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let Some(cluster) = ctx.cluster.clone() else {
@@ -243,7 +256,7 @@ impl ProxyHttp for LegateProxy {
             Action::Forward(a) => a.idle_timeout,
             _ => None,
         });
-        let mut peer = HttpPeer::new(host.address, false, String::new());
+        let mut peer = upstream::peer(&cluster, &host, session);
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         peer.options.idle_timeout = Some(cluster.idle_timeout);
         peer.options.read_timeout = ctx.attempts.read_timeout(now, route_idle);
@@ -290,13 +303,16 @@ impl ProxyHttp for LegateProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // An HTTP/2 request without END_STREAM on its headers has a body to come, with or
+        // without content-length (HTTP/1 framing is read from the headers instead).
+        let body_follows = session.is_http2() && !session.as_downstream_mut().is_body_empty();
         let (Some(m), Some(hcm)) = (ctx.matched(), ctx.hcm()) else {
             return Ok(());
         };
         let fmt = FormatContext {
             remote: ctx.remote,
             local: ctx.local,
-            protocol: "HTTP/1.1",
+            protocol: ctx.protocol,
             request_headers: Some(&session.req_header().headers),
         };
         let now = Instant::now();
@@ -305,6 +321,7 @@ impl ProxyHttp for LegateProxy {
         let expected = ctx.attempts.expected_timeout(now);
         upstream::finalize_request(
             upstream_request,
+            body_follows,
             m,
             ctx.weighted,
             hcm,
@@ -518,6 +535,7 @@ fn access_record(
         .map(|m| m.route.name.clone())
         .unwrap_or_default();
     crate::access_log::Record {
+        protocol: ctx.protocol,
         start: ctx.start_time,
         request_headers: req.headers.clone(),
         method: req.method.to_string(),
@@ -693,7 +711,7 @@ fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
         let fmt = FormatContext {
             remote: ctx.remote,
             local: ctx.local,
-            protocol: "HTTP/1.1",
+            protocol: ctx.protocol,
             request_headers: None,
         };
         upstream::apply_response_mutations(resp, m, ctx.weighted, &hcm.routes, &fmt);

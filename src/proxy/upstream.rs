@@ -1,8 +1,11 @@
 //! What the router does to the request it sends upstream and to the response it returns.
 
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, Session};
 
+use crate::cluster::config::UpstreamProtocol;
 use crate::cluster::host::Host;
+use crate::cluster::Cluster;
 use crate::listener::{HttpConnectionManager, ServerHeader};
 use crate::route::entry::HostRewrite;
 use crate::route::headers::{FormatContext, HeaderMutations, HeaderTarget};
@@ -53,6 +56,7 @@ fn levels<'a>(
 
 pub fn finalize_request(
     req: &mut RequestHeader,
+    body_follows: bool,
     m: Matched<'_>,
     weighted: Option<usize>,
     hcm: &HttpConnectionManager,
@@ -62,7 +66,9 @@ pub fn finalize_request(
     for h in HOP_BY_HOP {
         req.remove_header(*h);
     }
-    add_zero_content_length(req);
+    if !body_follows {
+        add_zero_content_length(req);
+    }
     for level in levels(m, weighted, &hcm.routes, true) {
         level.apply(req as &mut dyn HeaderTarget, fmt);
     }
@@ -174,4 +180,49 @@ pub fn set_server_header(resp: &mut ResponseHeader, hcm: &HttpConnectionManager)
         }
         _ => {}
     }
+}
+
+/// The Pingora peer for one try: TLS (SNI, CA, client certificate) and HTTP version from the
+/// cluster's transport socket and protocol options.
+pub fn peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
+    let Some(tls) = &cluster.tls else {
+        let mut peer = HttpPeer::new(host.address, false, String::new());
+        match cluster.protocol.protocol {
+            UpstreamProtocol::Http2 => peer.options.set_http_version(2, 2),
+            UpstreamProtocol::MatchDownstream if session.is_http2() => {
+                peer.options.set_http_version(2, 2)
+            }
+            _ => {}
+        }
+        return peer;
+    };
+    let sni = if tls.auto_sni || cluster.protocol.auto_sni {
+        let req = session.req_header();
+        let host_header = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        crate::route::table::strip_port(host_header)
+            .unwrap_or(host_header)
+            .to_string()
+    } else {
+        tls.sni.clone()
+    };
+    let mut peer = HttpPeer::new(host.address, true, sni);
+    peer.options.verify_cert = tls.ca.is_some();
+    peer.options.verify_hostname = tls.verify_hostname || cluster.protocol.auto_san_validation;
+    peer.options.ca = tls.ca.clone();
+    peer.client_cert_key = tls.client_cert.clone();
+    match cluster.protocol.protocol {
+        UpstreamProtocol::Http1 => peer.options.set_http_version(1, 1),
+        UpstreamProtocol::Http2 => peer.options.set_http_version(2, 2),
+        UpstreamProtocol::MatchDownstream if session.is_http2() => {
+            peer.options.set_http_version(2, 2)
+        }
+        UpstreamProtocol::MatchDownstream => peer.options.set_http_version(1, 1),
+        UpstreamProtocol::Alpn => peer.options.set_http_version(2, 1),
+    }
+    peer
 }

@@ -308,25 +308,6 @@ impl RouteTable {
 }
 
 impl RouteTable {
-    /// Reports each route whose named cluster is not in `known`, as Envoy does for
-    /// `validate_clusters`.
-    /// Reports routes to clusters that exist but only speak HTTP/2 (not proxied yet).
-    pub fn check_http2_clusters(
-        &self,
-        at: &str,
-        is_http2: &dyn Fn(&str) -> bool,
-        errs: &mut Errors,
-    ) {
-        for (name, path) in self.named_clusters(at) {
-            if is_http2(&name) {
-                errs.add(
-                    path,
-                    format!("cluster '{name}' is HTTP/2, which legate does not proxy yet"),
-                );
-            }
-        }
-    }
-
     /// Every cluster a route names, with the path of the field that names it.
     fn named_clusters(&self, at: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -358,41 +339,18 @@ impl RouteTable {
         out
     }
 
+    /// Reports each route whose named cluster is not in `known`, as Envoy does for
+    /// `validate_clusters`.
     pub fn check_clusters(&self, at: &str, known: &dyn Fn(&str) -> bool, errs: &mut Errors) {
         if !self.validate_clusters {
             return;
         }
-        for (v, vh) in self.virtual_hosts.iter().enumerate() {
-            for (r, route) in vh.routes.iter().enumerate() {
-                let crate::route::Action::Forward(a) = &route.action else {
-                    continue;
-                };
-                let rat = join(
-                    &index(&join(&index(&join(at, "virtual_hosts"), v), "routes"), r),
-                    "route",
+        for (name, path) in self.named_clusters(at) {
+            if !known(&name) {
+                errs.add(
+                    path,
+                    format!("unknown cluster '{name}' (set validate_clusters: false to allow it)"),
                 );
-                let names: Vec<(String, &str)> = match &a.cluster {
-                    crate::route::ClusterChoice::Named(n) => {
-                        vec![(join(&rat, "cluster"), n.as_str())]
-                    }
-                    crate::route::ClusterChoice::Weighted(w) => w
-                        .clusters
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            (
-                                join(&index(&join(&rat, "weighted_clusters.clusters"), i), "name"),
-                                c.name.as_str(),
-                            )
-                        })
-                        .collect(),
-                    crate::route::ClusterChoice::FromHeader(_) => vec![],
-                };
-                for (path, name) in names {
-                    if !known(name) {
-                        errs.add(path, format!("unknown cluster '{name}' (set validate_clusters: false to allow it)"));
-                    }
-                }
             }
         }
     }
