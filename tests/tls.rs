@@ -337,3 +337,158 @@ fn bad_tls_config_is_rejected_with_its_field_path() {
     }
     assert!(!output.status.success());
 }
+
+/// An HTTPS upstream that answers each request with the SNI it was reached by; with
+/// `client_ca`, it requires a client certificate signed by it.
+fn tls_upstream(server: &Cert, client_ca: Option<&Cert>) -> (u16, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from(ca.der.clone())).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let key = rustls_pki_types::PrivateKeyDer::try_from(
+        rustls_pki_types::pem::PemObject::from_pem_slice(server.key.as_bytes())
+            .map(|k: rustls_pki_types::PrivatePkcs8KeyDer| k.secret_pkcs8_der().to_vec())
+            .unwrap(),
+    )
+    .unwrap();
+    let config = builder
+        .with_single_cert(vec![CertificateDer::from(server.der.clone())], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = tls.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{sni}",
+                            sni.len()
+                        );
+                        if tls.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, rt)
+}
+
+fn upstream_tls_cluster(name: &str, port: u16, context: &str) -> String {
+    cluster_yaml(
+        name,
+        &[port],
+        &format!(
+            "transport_socket:\n  name: envoy.transport_sockets.tls\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n{}",
+            indent(context, 4)
+        ),
+    )
+}
+
+#[test]
+fn upstream_tls_with_sni_ca_and_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = cert(&["backend.internal", "api.example.com"]);
+    let other = cert(&["backend.internal"]);
+    let client_cert = cert(&["gateway.client"]);
+    let (crt, _) = write_cert(dir.path(), "server", &server);
+    let (other_crt, _) = write_cert(dir.path(), "other", &other);
+    let (ccrt, ckey) = write_cert(dir.path(), "client", &client_cert);
+    let (plain_port, _rt1) = tls_upstream(&server, None);
+    let (mtls_port, _rt2) = tls_upstream(&server, Some(&client_cert));
+    let port = free_port();
+    let routes = r#"virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - {match: {prefix: /verified}, route: {cluster: verified}}
+  - {match: {prefix: /wrong-ca}, route: {cluster: wrong_ca}}
+  - {match: {prefix: /auto}, route: {cluster: auto}}
+  - {match: {prefix: /mtls}, route: {cluster: mtls}}
+  - {match: {prefix: /no-client-cert}, route: {cluster: no_client_cert}}"#;
+    let ca = |f: &str| format!("validation_context: {{trusted_ca: {{filename: {f}}}}}");
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, routes, "")],
+        &[
+            upstream_tls_cluster(
+                "verified",
+                plain_port,
+                &format!("sni: backend.internal\ncommon_tls_context:\n  {}", ca(&crt)),
+            ),
+            upstream_tls_cluster(
+                "wrong_ca",
+                plain_port,
+                &format!("sni: backend.internal\ncommon_tls_context:\n  {}", ca(&other_crt)),
+            ),
+            upstream_tls_cluster(
+                "auto",
+                plain_port,
+                &format!("auto_host_sni: true\nauto_sni_san_validation: true\ncommon_tls_context:\n  {}", ca(&crt)),
+            ),
+            upstream_tls_cluster(
+                "mtls",
+                mtls_port,
+                &format!(
+                    "sni: backend.internal\ncommon_tls_context:\n  {}\n  tls_certificates: [{{certificate_chain: {{filename: {ccrt}}}, private_key: {{filename: {ckey}}}}}]",
+                    ca(&crt)
+                ),
+            ),
+            upstream_tls_cluster(
+                "no_client_cert",
+                mtls_port,
+                &format!("sni: backend.internal\ncommon_tls_context:\n  {}", ca(&crt)),
+            ),
+        ],
+    );
+    let _l = Legate::start(&yaml, port);
+    let r = get(port, "/verified", "x");
+    assert_eq!((r.status, r.body.as_str()), (200, "backend.internal"));
+    // A server certificate not signed by the trusted CA: the connection fails, 503.
+    assert_eq!(get(port, "/wrong-ca", "x").status, 503);
+    // SNI from the request's host, and the certificate must name it.
+    let r = get(port, "/auto", "api.example.com:8443");
+    assert_eq!((r.status, r.body.as_str()), (200, "api.example.com"));
+    assert_eq!(get(port, "/auto", "elsewhere.example.com").status, 503);
+    // The upstream requires a client certificate: sent when configured.
+    assert_eq!(get(port, "/mtls", "x").status, 200);
+    assert_eq!(get(port, "/no-client-cert", "x").status, 503);
+}

@@ -84,6 +84,10 @@ pub struct Cluster {
     pub protocol: config::ProtocolSettings,
     /// `transport_socket` `envoy.transport_sockets.tls`.
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// Pingora's connection-pool group: pooled connections are shared only within one
+    /// cluster and one version of its definition, as Envoy keeps pools per cluster. (Pingora
+    /// alone would reuse a connection verified with another cluster's CA.)
+    pub pool_key: u64,
     /// `cluster.<name>.*` counters, shared across configurations.
     pub stats: Arc<crate::stats::ClusterStats>,
     pub circuit: Arc<CircuitBreaker>,
@@ -397,6 +401,10 @@ impl Cluster {
             eds_service,
             protocol,
             tls,
+            pool_key: {
+                use prost::Message;
+                xxhash_rust::xxh64::xxh64(&c.encode_to_vec(), 0)
+            },
             stats: crate::stats::cluster(name),
             circuit: Arc::new(circuit),
             health_check,

@@ -152,7 +152,7 @@ impl ProxyHttp for LegateProxy {
         if session.req_header().version == http::Version::HTTP_10 {
             // Envoy's default (`accept_http_10: false`): 426 and close.
             session.set_keepalive(None);
-            send_local_reply(session, ctx, LocalReply::new(426, "")).await?;
+            send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
             return Ok(true);
         }
         if let Some(t) = hcm.request_timeout {

@@ -187,6 +187,7 @@ pub fn set_server_header(resp: &mut ResponseHeader, hcm: &HttpConnectionManager)
 pub fn peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
     let Some(tls) = &cluster.tls else {
         let mut peer = HttpPeer::new(host.address, false, String::new());
+        peer.group_key = cluster.pool_key;
         match cluster.protocol.protocol {
             UpstreamProtocol::Http2 => peer.options.set_http_version(2, 2),
             UpstreamProtocol::MatchDownstream if session.is_http2() => {
@@ -211,6 +212,7 @@ pub fn peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
         tls.sni.clone()
     };
     let mut peer = HttpPeer::new(host.address, true, sni);
+    peer.group_key = cluster.pool_key;
     peer.options.verify_cert = tls.ca.is_some();
     peer.options.verify_hostname = tls.verify_hostname || cluster.protocol.auto_san_validation;
     peer.options.ca = tls.ca.clone();
