@@ -69,6 +69,8 @@ pub struct HttpConnectionManager {
     /// `codec_type: AUTO` on plaintext also accepts HTTP/2 with prior knowledge (h2c), as
     /// Envoy detects the connection preface; `HTTP1` does not.
     pub h2c: bool,
+    /// `upgrade_configs`: the enabled upgrade types, lowercased (e.g. `websocket`).
+    pub upgrades: Vec<String>,
     pub routes: RouteTable,
     pub filters: HttpFilterChain,
     pub server_name: String,
@@ -711,7 +713,6 @@ fn convert_hcm(
         forward_client_cert_matcher,
         proxy_100_continue,
         represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
-        upgrade_configs,
         merge_slashes,
         path_with_escaped_slashes_action,
         request_id_extension,
@@ -741,6 +742,22 @@ fn convert_hcm(
     }
     if stat_prefix.is_empty() {
         errs.add(join(at, "stat_prefix"), "must not be empty");
+    }
+    let mut upgrades = Vec::new();
+    for (i, u) in upgrade_configs.iter().enumerate() {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::UpgradeConfig;
+        let UpgradeConfig {
+            upgrade_type,
+            filters,
+            enabled,
+        } = u;
+        let uat = index(&join(at, "upgrade_configs"), i);
+        reject_set!(errs, &uat, filters);
+        if upgrade_type.eq_ignore_ascii_case("connect") {
+            errs.add(join(&uat, "upgrade_type"), "CONNECT is not supported");
+        } else if enabled.is_none_or(|b| b.value) {
+            upgrades.push(upgrade_type.to_ascii_lowercase());
+        }
     }
     let server_header = match ServerHeaderTransformation::try_from(*server_header_transformation) {
         Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite,
@@ -837,6 +854,7 @@ fn convert_hcm(
     };
     let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
     Some(HttpConnectionManager {
+        upgrades,
         h2c: *codec_type == CodecType::Auto as i32,
         access_logs,
         stat_prefix: stat_prefix.clone(),

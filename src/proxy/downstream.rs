@@ -77,9 +77,17 @@ pub fn mutate_request_headers(
     peer: Option<IpAddr>,
     listener_port: u16,
     scheme: &'static str,
+    upgrade: bool,
 ) -> Downstream {
     for h in HOP_BY_HOP {
+        // An allowed upgrade keeps its headers: Pingora reads them to switch to a tunnel.
+        if upgrade && (*h == "connection" || *h == "upgrade") {
+            continue;
+        }
         req.remove_header(*h);
+    }
+    if upgrade {
+        let _ = req.insert_header(http::header::CONNECTION, "upgrade");
     }
     if req.headers.get_all(http::header::REFERER).iter().count() > 1 {
         req.remove_header(&http::header::REFERER);
@@ -190,4 +198,20 @@ fn append_list(req: &mut RequestHeader, name: &'static str, sep: &str, value: &s
         _ => value.to_string(),
     };
     let _ = req.insert_header(HeaderName::from_static(name), joined);
+}
+
+/// The upgrade a request asks for (`Upgrade` with `Connection: upgrade`), lowercased.
+pub fn requested_upgrade(req: &RequestHeader) -> Option<String> {
+    let wants = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    let t = req.headers.get(http::header::UPGRADE)?.to_str().ok()?;
+    Some(t.trim().to_ascii_lowercase())
 }

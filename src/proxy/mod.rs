@@ -38,6 +38,8 @@ use local_reply::{NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
 /// The error `upstream_response_filter` returns to make Pingora try again after a response
 /// the retry policy covers; that response never reaches the client.
 const RETRY_ON_RESPONSE: ErrorType = ErrorType::Custom("retry on upstream response");
+/// Envoy's default `stream_idle_timeout`, applied to upgraded (tunnelled) requests.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// No endpoint left to try.
 const NO_HOST: ErrorType = ErrorType::Custom("no healthy upstream");
 
@@ -62,6 +64,8 @@ pub struct RequestCtx {
     chain: usize,
     /// Envoy's `%PROTOCOL%`: HTTP/1.1 or HTTP/2.
     protocol: &'static str,
+    /// An allowed upgrade (WebSocket): the connection becomes a tunnel after 101.
+    upgrade: bool,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<(usize, usize)>,
     weighted: Option<usize>,
@@ -165,12 +169,21 @@ impl ProxyHttp for LegateProxy {
             Some(_) => "https",
             None => "http",
         };
+        if let Some(kind) = downstream::requested_upgrade(session.req_header()) {
+            if !hcm.upgrades.contains(&kind) {
+                // Envoy refuses an upgrade the connection manager does not allow.
+                send_local_reply(session, ctx, LocalReply::new(403, "")).await?;
+                return Ok(true);
+            }
+            ctx.upgrade = true;
+        }
         let ds = downstream::mutate_request_headers(
             hcm,
             session.req_header_mut(),
             ctx.remote.map(|a| a.ip()),
             listener.address.port(),
             scheme,
+            ctx.upgrade,
         );
         ctx.request_id = ds.request_id;
         ctx.client_ip = ds.remote;
@@ -259,7 +272,13 @@ impl ProxyHttp for LegateProxy {
         let mut peer = upstream::peer(&cluster, &host, session);
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         peer.options.idle_timeout = Some(cluster.idle_timeout);
-        peer.options.read_timeout = ctx.attempts.read_timeout(now, route_idle);
+        peer.options.read_timeout = if ctx.upgrade {
+            // The route timeout starts when the request ends, which an upgraded one never
+            // does (Envoy); the stream idle timeout bounds a silent tunnel instead.
+            Some(STREAM_IDLE_TIMEOUT)
+        } else {
+            ctx.attempts.read_timeout(now, route_idle)
+        };
         Ok(Box::new(peer))
     }
 
@@ -322,6 +341,7 @@ impl ProxyHttp for LegateProxy {
         upstream::finalize_request(
             upstream_request,
             body_follows,
+            ctx.upgrade,
             m,
             ctx.weighted,
             hcm,

@@ -57,6 +57,7 @@ fn levels<'a>(
 pub fn finalize_request(
     req: &mut RequestHeader,
     body_follows: bool,
+    upgrade: bool,
     m: Matched<'_>,
     weighted: Option<usize>,
     hcm: &HttpConnectionManager,
@@ -64,9 +65,12 @@ pub fn finalize_request(
     fmt: &FormatContext<'_>,
 ) {
     for h in HOP_BY_HOP {
+        if upgrade && (*h == "connection" || *h == "upgrade") {
+            continue;
+        }
         req.remove_header(*h);
     }
-    if !body_follows {
+    if !body_follows && !upgrade {
         add_zero_content_length(req);
     }
     for level in levels(m, weighted, &hcm.routes, true) {
