@@ -340,8 +340,10 @@ impl ProxyHttp for LegateProxy {
         let expected = ctx.attempts.expected_timeout(now);
         upstream::finalize_request(
             upstream_request,
-            body_follows,
-            ctx.upgrade,
+            upstream::Framing {
+                body_follows,
+                upgrade: ctx.upgrade,
+            },
             m,
             ctx.weighted,
             hcm,

@@ -54,10 +54,18 @@ fn levels<'a>(
     out.into_iter().flatten()
 }
 
+/// How the downstream request is framed, which decides the hop-by-hop headers upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Framing {
+    /// An HTTP/2 request whose body is still to come.
+    pub body_follows: bool,
+    /// An allowed upgrade: `connection`/`upgrade` are kept for the tunnel.
+    pub upgrade: bool,
+}
+
 pub fn finalize_request(
     req: &mut RequestHeader,
-    body_follows: bool,
-    upgrade: bool,
+    framing: Framing,
     m: Matched<'_>,
     weighted: Option<usize>,
     hcm: &HttpConnectionManager,
@@ -65,12 +73,12 @@ pub fn finalize_request(
     fmt: &FormatContext<'_>,
 ) {
     for h in HOP_BY_HOP {
-        if upgrade && (*h == "connection" || *h == "upgrade") {
+        if framing.upgrade && (*h == "connection" || *h == "upgrade") {
             continue;
         }
         req.remove_header(*h);
     }
-    if !body_follows && !upgrade {
+    if !framing.body_follows && !framing.upgrade {
         add_zero_content_length(req);
     }
     for level in levels(m, weighted, &hcm.routes, true) {
