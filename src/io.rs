@@ -32,13 +32,27 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, R
 /// Pingora's `DEFAULT_L4_WRITE_BUFFER_SIZE`: one Ethernet MSS.
 const WRITE_BUFFER: usize = 1460;
 
-/// What the accept path learned about a connection.
-#[derive(Debug, Clone, Default)]
+/// What the accept path learned about a connection, and its per-connection counters.
+#[derive(Debug)]
 pub struct ConnectionInfo {
     /// Index into the listener's filter chains.
     pub chain: usize,
     /// Set on TLS connections.
     pub tls: Option<TlsInfo>,
+    pub accepted: std::time::Instant,
+    /// Requests seen so far (for `max_requests_per_connection`).
+    pub requests: std::sync::atomic::AtomicU32,
+}
+
+impl ConnectionInfo {
+    pub fn new(chain: usize, tls: Option<TlsInfo>) -> Self {
+        ConnectionInfo {
+            chain,
+            tls,
+            accepted: std::time::Instant::now(),
+            requests: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -3,7 +3,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::config::listener::v3::{
     filter::ConfigType, Filter, FilterChain, Listener as ListenerProto,
 };
@@ -17,6 +16,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use crate::cluster::socket_address;
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
+use crate::config::http_options::ConnectionLimits;
 use crate::config::load::unpack_any;
 use crate::filter::FilterChain as HttpFilterChain;
 use crate::reject_set;
@@ -29,6 +29,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
+/// Envoy's default `max_request_headers_kb`.
+const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
 /// Envoy's default downstream connection idle timeout.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -71,6 +73,10 @@ pub struct HttpConnectionManager {
     pub h2c: bool,
     /// `upgrade_configs`: the enabled upgrade types, lowercased (e.g. `websocket`).
     pub upgrades: Vec<String>,
+    /// `max_request_headers_kb` in bytes (Envoy counts names and values).
+    pub max_request_headers_bytes: usize,
+    /// `common_http_protocol_options` connection limits.
+    pub limits: ConnectionLimits,
     pub routes: RouteTable,
     pub filters: HttpFilterChain,
     pub server_name: String,
@@ -696,7 +702,6 @@ fn convert_hcm(
         http2_protocol_options,
         http3_protocol_options,
         scheme_header_transformation,
-        max_request_headers_kb,
         stream_idle_timeout,
         stream_flush_timeout,
         request_headers_timeout,
@@ -769,9 +774,20 @@ fn convert_hcm(
         }
     };
     let mut idle_timeout = Some(DEFAULT_IDLE_TIMEOUT);
+    let mut limits = ConnectionLimits::default();
     if let Some(opts) = common_http_protocol_options {
-        idle_timeout =
-            convert_downstream_http_options(opts, &join(at, "common_http_protocol_options"), errs);
+        let (idle, l) = crate::config::http_options::downstream(
+            opts,
+            &join(at, "common_http_protocol_options"),
+            errs,
+        );
+        idle_timeout = duration::optional_timeout(idle, Some(DEFAULT_IDLE_TIMEOUT));
+        limits = l;
+    }
+    let max_request_headers_kb =
+        max_request_headers_kb.map_or(DEFAULT_MAX_REQUEST_HEADERS_KB, |v| v.value);
+    if !(1..=8192).contains(&max_request_headers_kb) {
+        errs.add(join(at, "max_request_headers_kb"), "must be in [1, 8192]");
     }
     duration::check(request_timeout, &join(at, "request_timeout"), errs);
     let strip_port = match (strip_matching_host_port, strip_port_mode) {
@@ -855,6 +871,8 @@ fn convert_hcm(
     let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
     Some(HttpConnectionManager {
         upgrades,
+        max_request_headers_bytes: max_request_headers_kb as usize * 1024,
+        limits,
         h2c: *codec_type == CodecType::Auto as i32,
         access_logs,
         stat_prefix: stat_prefix.clone(),
@@ -879,13 +897,4 @@ fn convert_hcm(
         internal_addresses: convert_internal_addresses(internal_address_config, at, errs),
         stats: crate::stats::http(stat_prefix),
     })
-}
-
-fn convert_downstream_http_options(
-    o: &HttpProtocolOptions,
-    at: &str,
-    errs: &mut Errors,
-) -> Option<Duration> {
-    let idle = crate::config::http_options::idle_timeout(o, at, errs);
-    duration::optional_timeout(idle, Some(DEFAULT_IDLE_TIMEOUT))
 }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 
-use crate::io::Downstream;
+use crate::io::{ConnectionInfo, Downstream};
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
@@ -395,7 +395,14 @@ async fn serve_connection(
             Some(s) => s,
             None => return,
         },
-        Some(l) => Box::new(Downstream::new(l4, None, l.hcm().h2c)),
+        Some(l) => {
+            // Connection limits need per-connection state; other connections carry none.
+            let limits = l.hcm().limits;
+            let info = (limits.max_requests_per_connection.is_some()
+                || limits.max_connection_duration.is_some())
+            .then(|| ConnectionInfo::new(0, None));
+            Box::new(Downstream::new(l4, info, l.hcm().h2c))
+        }
         None => Box::new(Downstream::new(l4, None, false)),
     };
     drop(snapshot);
@@ -416,7 +423,7 @@ async fn accept_inspected(
     mut l4: L4Stream,
     listener: &crate::listener::Listener,
 ) -> Option<pingora::protocols::Stream> {
-    use crate::io::{ConnectionInfo, TlsInfo};
+    use crate::io::TlsInfo;
     use crate::listener::Transport;
     use pingora::protocols::Peek;
     let within = |limit: Option<Duration>| limit.unwrap_or(Duration::from_secs(u64::MAX >> 2));
@@ -450,7 +457,7 @@ async fn accept_inspected(
             return None;
         }
         let h2c = listener.chains[chain].hcm.h2c;
-        let info = ConnectionInfo { chain, tls: None };
+        let info = ConnectionInfo::new(chain, None);
         return Some(Box::new(Downstream::new(l4, Some(info), h2c)));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
@@ -497,14 +504,14 @@ async fn accept_inspected(
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())
         .unwrap_or("");
-    let info = ConnectionInfo {
+    let info = ConnectionInfo::new(
         chain,
-        tls: Some(TlsInfo {
+        Some(TlsInfo {
             sni,
             version,
             cipher,
         }),
-    };
+    );
     Some(Box::new(Downstream::new(stream, Some(info), false)))
 }
 

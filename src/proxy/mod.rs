@@ -153,6 +153,10 @@ impl ProxyHttp for LegateProxy {
             .fetch_add(1, Ordering::Relaxed);
         // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
         session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
+        if let Some(reply) = apply_connection_limits(session, hcm) {
+            send_local_reply(session, ctx, reply).await?;
+            return Ok(true);
+        }
         if session.req_header().version == http::Version::HTTP_10 {
             // Envoy's default (`accept_http_10: false`): 426 and close.
             session.set_keepalive(None);
@@ -615,6 +619,50 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
         session.as_downstream_mut().enable_retry_buffering();
     }
     ctx.attempts = Attempts::new(policy, timeout, Instant::now());
+}
+
+/// Envoy's per-request and per-connection limits: oversized headers get 431 (and the
+/// connection closes); the last request a connection may carry, by count or age, is
+/// answered with `connection: close`, and an idle connection waits no longer than its age
+/// allows.
+fn apply_connection_limits(
+    session: &mut Session,
+    hcm: &HttpConnectionManager,
+) -> Option<LocalReply> {
+    let req = session.req_header();
+    let headers = &req.headers;
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum::<usize>()
+        + req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.method.as_str().len();
+    if headers.len() > hcm.limits.max_headers_count as usize
+        || bytes > hcm.max_request_headers_bytes
+    {
+        session.set_keepalive(None);
+        return Some(LocalReply::new(431, "Request Header Fields Too Large"));
+    }
+    let info = crate::io::connection_info(session)?;
+    let n = info.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let age = info.accepted.elapsed();
+    let last_by_count = hcm
+        .limits
+        .max_requests_per_connection
+        .is_some_and(|max| n >= max);
+    match hcm.limits.max_connection_duration {
+        _ if last_by_count => session.set_keepalive(None),
+        Some(max) if age >= max => session.set_keepalive(None),
+        Some(max) => {
+            let left = (max - age).as_secs().max(1);
+            let idle = hcm
+                .idle_timeout
+                .map_or(left, |d| d.as_secs().max(1).min(left));
+            session.set_keepalive(Some(idle));
+        }
+        None => {}
+    }
+    None
 }
 
 /// Counts a retry, or a retry the `max_retries` breaker refused.
