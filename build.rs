@@ -38,13 +38,21 @@ const INCLUDES: &[&str] = &[
 
 fn main() {
     let proto_dir = envoy_types_dir().join("proto");
-    let includes: Vec<PathBuf> = INCLUDES.iter().map(|i| proto_dir.join(i)).collect();
-    let fds = protox::compile(ROOTS, &includes).expect("compile envoy protos");
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let mut includes: Vec<PathBuf> = INCLUDES.iter().map(|i| proto_dir.join(i)).collect();
+    // TypedStruct (custom filter settings), which envoy-types does not ship.
+    includes.push(manifest.join("proto"));
+    let roots = ROOTS
+        .iter()
+        .copied()
+        .chain(["typed_struct.proto", "udpa_typed_struct.proto"]);
+    let fds = protox::compile(roots, &includes).expect("compile envoy protos");
     let bytes = prost::Message::encode_to_vec(&fds);
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("envoy_descriptors.bin");
     std::fs::write(&out, bytes).expect("write descriptor set");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=Cargo.lock");
 }
 

@@ -1,9 +1,22 @@
 //! HTTP filters: the HCM's `http_filters`, run in order before the router (which is the
 //! proxy itself and must come last).
+//!
+//! This is also legate's public extension API. A program that embeds legate implements
+//! [`HttpFilter`] and an [`HttpFilterFactory`] that builds it from its settings, registers
+//! the factory on [`crate::Legate`], and configures it exactly as Envoy configures an
+//! extension: an `http_filters` entry whose `typed_config` is an `xds.type.v3.TypedStruct`
+//! (or `udpa.type.v1.TypedStruct`) carrying the factory's `type_url` and a JSON-like
+//! `value`; per-route settings come from `typed_per_filter_config`, keyed by the filter's
+//! name, in the same form.
 
+use std::any::Any;
 use std::fmt::Debug;
-
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use envoy_types::pb::google::protobuf::Any as PbAny;
 
 use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck as HealthCheckProto;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -36,16 +49,197 @@ pub enum FilterDecision {
     },
 }
 
-/// An HTTP filter. Filters see request headers before routing is acted on and response
-/// headers before they go downstream.
-pub trait HttpFilter: Send + Sync + Debug {
-    fn name(&self) -> &str;
+/// What a filter may know about the request it is looking at.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FilterContext<'a> {
+    /// The matched route's `name` (None when no route matched).
+    pub route_name: Option<&'a str>,
+    /// The cluster the route names (None for redirects, direct responses, weighted or
+    /// header-chosen clusters before the choice).
+    pub cluster: Option<&'a str>,
+    /// This filter's `typed_per_filter_config` on the matched route, else on its virtual
+    /// host, as the filter's factory parsed it.
+    pub per_route: Option<&'a (dyn Any + Send + Sync)>,
+    /// The client, as the connection manager determined it (x-forwarded-for aware).
+    pub client: Option<IpAddr>,
+}
 
-    fn on_request_headers(&self, _req: &mut RequestHeader) -> FilterDecision {
+/// An HTTP filter. Filters see the request headers after routing is decided and before it
+/// is acted on (so the matched route is known), body chunks as they stream, and the
+/// response headers and body before they go downstream. A filter that changes a body's
+/// length should remove `content-length` in the matching headers hook.
+pub trait HttpFilter: Send + Sync + Debug {
+    fn on_request_headers(
+        &self,
+        _req: &mut RequestHeader,
+        _cx: &FilterContext<'_>,
+    ) -> FilterDecision {
         FilterDecision::Continue
     }
 
-    fn on_response_headers(&self, _resp: &mut ResponseHeader) {}
+    fn on_request_body(
+        &self,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _cx: &FilterContext<'_>,
+    ) {
+    }
+
+    fn on_response_headers(&self, _resp: &mut ResponseHeader, _cx: &FilterContext<'_>) {}
+
+    fn on_response_body(
+        &self,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _cx: &FilterContext<'_>,
+    ) {
+    }
+}
+
+/// Builds a filter from its configured settings.
+pub trait HttpFilterFactory: Send + Sync {
+    /// The settings type, as the TypedStruct's `type_url` names it without the
+    /// `type.googleapis.com/` prefix (e.g. `acme.filters.ApiKey`).
+    fn config_type(&self) -> &str;
+
+    /// The filter for one `http_filters` entry; an error is reported with the entry's path.
+    fn create(&self, config: &serde_json::Value) -> Result<Box<dyn HttpFilter>, String>;
+
+    /// Per-route settings (`typed_per_filter_config`); handed back in
+    /// [`FilterContext::per_route`]. By default a filter takes none.
+    fn per_route(&self, _config: &serde_json::Value) -> Result<Arc<dyn Any + Send + Sync>, String> {
+        Err("this filter takes no per-route configuration".into())
+    }
+}
+
+static FACTORIES: OnceLock<Vec<Arc<dyn HttpFilterFactory>>> = OnceLock::new();
+
+/// Installs the filter factories (once per process, before any config is compiled).
+pub fn register(factories: Vec<Arc<dyn HttpFilterFactory>>) -> Result<(), String> {
+    FACTORIES
+        .set(factories)
+        .map_err(|_| "HTTP filter factories are already registered".to_string())
+}
+
+fn factory(config_type: &str) -> Option<&'static Arc<dyn HttpFilterFactory>> {
+    FACTORIES
+        .get()?
+        .iter()
+        .find(|f| f.config_type() == config_type)
+}
+
+const TYPED_STRUCT: &str = "xds.type.v3.TypedStruct";
+const UDPA_TYPED_STRUCT: &str = "udpa.type.v1.TypedStruct";
+
+/// `xds.type.v3.TypedStruct` / `udpa.type.v1.TypedStruct` (same fields).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypedStruct {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(message, optional, tag = "2")]
+    pub value: Option<envoy_types::pb::google::protobuf::Struct>,
+}
+
+/// A TypedStruct's inner type name and value as JSON, if `any` is one.
+fn typed_struct(any: &PbAny, at: &str, errs: &mut Errors) -> Option<(String, serde_json::Value)> {
+    let outer = any.type_url.rsplit('/').next().unwrap_or_default();
+    if outer != TYPED_STRUCT && outer != UDPA_TYPED_STRUCT {
+        return None;
+    }
+    let ts = match unpack_any::<TypedStruct>(any, outer, at) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.extend(e);
+            return None;
+        }
+    };
+    let inner = ts
+        .type_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let value = ts
+        .value
+        .map_or(serde_json::Value::Object(Default::default()), |v| {
+            serde_json::Value::Object(struct_to_json(v))
+        });
+    Some((inner, value))
+}
+
+fn struct_to_json(
+    s: envoy_types::pb::google::protobuf::Struct,
+) -> serde_json::Map<String, serde_json::Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: envoy_types::pb::google::protobuf::Value) -> serde_json::Value {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(struct_to_json(s)),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.into_iter().map(value_to_json).collect())
+        }
+    }
+}
+
+/// Parsed `typed_per_filter_config` entries: (filter name, settings).
+pub type PerFilterConfigs = Vec<(String, Arc<dyn Any + Send + Sync>)>;
+
+/// A route's or virtual host's `typed_per_filter_config`.
+pub fn per_filter_configs(
+    map: &std::collections::HashMap<String, PbAny>,
+    at: &str,
+    errs: &mut Errors,
+) -> PerFilterConfigs {
+    let mut out: PerFilterConfigs = map
+        .iter()
+        .filter_map(|(name, any)| per_route_config(name, any, &join(at, name), errs))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Per-route settings for the filter named `name`, from a `typed_per_filter_config` entry:
+/// a TypedStruct for a registered factory. None (with an error) otherwise.
+pub fn per_route_config(
+    name: &str,
+    any: &PbAny,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<(String, Arc<dyn Any + Send + Sync>)> {
+    let Some((config_type, value)) = typed_struct(any, at, errs) else {
+        errs.add(
+            at,
+            format!(
+                "per-route settings of type {} are not supported (use a TypedStruct for a registered filter)",
+                any.type_url
+            ),
+        );
+        return None;
+    };
+    let Some(f) = factory(&config_type) else {
+        errs.add(
+            join(at, "type_url"),
+            format!("no registered filter takes {config_type}"),
+        );
+        return None;
+    };
+    match f.per_route(&value) {
+        Ok(c) => Some((name.to_string(), c)),
+        Err(e) => {
+            errs.add(join(at, "value"), e);
+            None
+        }
+    }
 }
 
 /// The router's own settings (`envoy.filters.http.router`).
@@ -54,10 +248,17 @@ pub struct RouterConfig {
     pub suppress_envoy_headers: bool,
 }
 
+/// One configured filter: its `http_filters` name (what per-route settings are keyed by).
+#[derive(Debug)]
+pub struct NamedFilter {
+    pub name: String,
+    pub filter: Box<dyn HttpFilter>,
+}
+
 /// The filter chain of one HCM: the filters before the router, and the router's settings.
 #[derive(Debug, Default)]
 pub struct FilterChain {
-    pub filters: Vec<Box<dyn HttpFilter>>,
+    pub filters: Vec<NamedFilter>,
     pub router: RouterConfig,
 }
 
@@ -116,11 +317,36 @@ impl FilterChain {
                             if let Some(f) =
                                 HealthCheckFilter::convert(&hc, &join(&at, "typed_config"), errs)
                             {
-                                chain.filters.push(Box::new(f));
+                                chain.filters.push(NamedFilter {
+                                    name: name.clone(),
+                                    filter: Box::new(f),
+                                });
                             }
                         }
                         Err(e) => errs.extend(e),
                     }
+                }
+                continue;
+            }
+            if let Some((config_type, value)) = any.and_then(|a| typed_struct(a, &at, errs)) {
+                if *disabled {
+                    errs.add(join(&at, "disabled"), "not supported");
+                }
+                match factory(&config_type) {
+                    Some(f) => match f.create(&value) {
+                        Ok(filter) => chain.filters.push(NamedFilter {
+                            name: name.clone(),
+                            filter,
+                        }),
+                        Err(e) => errs.add(join(&at, "typed_config.value"), e),
+                    },
+                    None if *is_optional => {
+                        log::warn!("{at}: optional HTTP filter '{name}' ({config_type}) is not registered; skipped");
+                    }
+                    None => errs.add(
+                        join(&at, "typed_config.type_url"),
+                        format!("no registered filter takes {config_type} (set is_optional: true to skip it)"),
+                    ),
                 }
                 continue;
             }
@@ -211,11 +437,11 @@ impl HealthCheckFilter {
 }
 
 impl HttpFilter for HealthCheckFilter {
-    fn name(&self) -> &str {
-        "envoy.filters.http.health_check"
-    }
-
-    fn on_request_headers(&self, req: &mut RequestHeader) -> FilterDecision {
+    fn on_request_headers(
+        &self,
+        req: &mut RequestHeader,
+        _cx: &FilterContext<'_>,
+    ) -> FilterDecision {
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = req
             .headers
@@ -238,7 +464,7 @@ impl HttpFilter for HealthCheckFilter {
     }
 
     /// Envoy marks every response of a failing server so upstream Envoys eject it at once.
-    fn on_response_headers(&self, resp: &mut ResponseHeader) {
+    fn on_response_headers(&self, resp: &mut ResponseHeader, _cx: &FilterContext<'_>) {
         if HEALTH_CHECK_FAILED.load(Ordering::Relaxed) {
             let _ = resp.insert_header("x-envoy-immediate-health-check-fail", "true");
         }

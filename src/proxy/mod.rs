@@ -24,7 +24,7 @@ use crate::cluster::circuit::Slot;
 use crate::cluster::host::{ActiveRequest, Host};
 use crate::cluster::outlier::Outcome;
 use crate::cluster::Cluster;
-use crate::filter::FilterDecision;
+use crate::filter::{FilterContext, FilterDecision};
 use crate::listener::{HttpConnectionManager, Listener};
 use crate::retry::{effective_policy, Failure};
 use crate::route::headers::FormatContext;
@@ -191,13 +191,21 @@ impl ProxyHttp for LegateProxy {
         );
         ctx.request_id = ds.request_id;
         ctx.client_ip = ds.remote;
+        // Routing is decided first so that filters know the route (as Envoy's filters see
+        // the cached route); it is acted on after them.
+        let unroutable = find_route(session, ctx, &listener);
         for f in &hcm.filters.filters {
+            let cx = filter_context(ctx, &f.name);
             if let FilterDecision::Respond { status, body } =
-                f.on_request_headers(session.req_header_mut())
+                f.filter.on_request_headers(session.req_header_mut(), &cx)
             {
                 send_local_reply(session, ctx, LocalReply::new(status, body)).await?;
                 return Ok(true);
             }
+        }
+        if let Some(reply) = unroutable {
+            send_local_reply(session, ctx, reply).await?;
+            return Ok(true);
         }
         match decide(session, ctx, &listener) {
             Decision::Reply(reply) => {
@@ -230,6 +238,40 @@ impl ProxyHttp for LegateProxy {
                 Ok(false)
             }
         }
+    }
+
+    /// Filters' request body hook, chunk by chunk as the body streams upstream.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(hcm) = ctx.hcm() {
+            for f in &hcm.filters.filters {
+                f.filter
+                    .on_request_body(body, end_of_stream, &filter_context(ctx, &f.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Filters' response body hook, chunk by chunk as the body streams downstream.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<Duration>> {
+        if let Some(hcm) = ctx.hcm() {
+            for f in &hcm.filters.filters {
+                f.filter
+                    .on_response_body(body, end_of_stream, &filter_context(ctx, &f.name));
+            }
+        }
+        Ok(None)
     }
 
     /// The endpoint for this try: the one routing chose, or after a failure another one,
@@ -695,16 +737,39 @@ fn header_ms(headers: &http::HeaderMap, name: &str) -> Option<Option<Duration>> 
 }
 
 /// Routes the request and picks the cluster and host, or says what to answer instead.
-fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decision {
+/// What filters are told about the request: the matched route, its cluster, and the
+/// filter's own per-route settings.
+fn filter_context<'a>(ctx: &'a RequestCtx, filter: &str) -> FilterContext<'a> {
+    let m = ctx.matched();
+    let lookup = |list: &'a crate::filter::PerFilterConfigs| {
+        list.iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, c)| c.as_ref() as &(dyn std::any::Any + Send + Sync))
+    };
+    FilterContext {
+        route_name: m.map(|m| m.route.name.as_str()).filter(|n| !n.is_empty()),
+        cluster: m.and_then(|m| match &m.route.action {
+            Action::Forward(a) => match &a.cluster {
+                ClusterChoice::Named(n) => Some(n.as_str()),
+                _ => None,
+            },
+            _ => None,
+        }),
+        per_route: m.and_then(|m| {
+            lookup(&m.route.per_filter).or_else(|| lookup(&m.virtual_host.per_filter))
+        }),
+        client: ctx.client_ip,
+    }
+}
+
+/// The request as route matching reads it; None without a Host.
+fn request_view<'a>(session: &'a Session, ctx: &RequestCtx) -> Option<RequestView<'a>> {
     let req = session.req_header();
     let host = req
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()));
-    let Some(host) = host else {
-        return Decision::Reply(LocalReply::new(400, "missing host header"));
-    };
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))?;
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = req
         .headers
@@ -713,15 +778,34 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         .unwrap_or("http");
     let mut view = RequestView::new(req.method.as_str(), path, host, scheme, &req.headers);
     view.remote_ip = ctx.client_ip;
+    Some(view)
+}
+
+/// Matches the route (into `ctx.route`); a reply when the request cannot be routed at all.
+fn find_route(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Option<LocalReply> {
+    let Some(view) = request_view(session, ctx) else {
+        return Some(LocalReply::new(400, "missing host header"));
+    };
+    let Some(chain) = listener.chains.get(ctx.chain) else {
+        return Some(LocalReply::new(503, "listener changed"));
+    };
+    ctx.route = chain.hcm.routes.route_index(&view);
+    None
+}
+
+fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decision {
+    let req = session.req_header();
+    let Some(view) = request_view(session, ctx) else {
+        return Decision::Reply(LocalReply::new(400, "missing host header"));
+    };
     let Some(chain) = listener.chains.get(ctx.chain) else {
         return Decision::Reply(LocalReply::new(503, "listener changed"));
     };
     let table = &chain.hcm.routes;
-    let Some((v, r)) = table.route_index(&view) else {
+    let Some((v, r)) = ctx.route else {
         ctx.flags = "NR";
         return Decision::Reply(LocalReply::new(404, ""));
     };
-    ctx.route = Some((v, r));
     let Some(m) = table.matched(v, r) else {
         return Decision::Reply(LocalReply::new(404, ""));
     };
@@ -804,7 +888,8 @@ fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
         }
     }
     for f in &hcm.filters.filters {
-        f.on_response_headers(resp);
+        f.filter
+            .on_response_headers(resp, &filter_context(ctx, &f.name));
     }
 }
 

@@ -33,6 +33,8 @@ const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
+    /// `typed_per_filter_config`, by filter name, as each filter's factory parsed it.
+    pub per_filter: crate::filter::PerFilterConfigs,
     matcher: RouteMatch,
     pub action: Action,
     pub request_headers: HeaderMutations,
@@ -777,7 +779,6 @@ impl Route {
             errs,
             at,
             decorator,
-            typed_per_filter_config,
             tracing,
             per_request_buffer_limit_bytes,
             stat_prefix,
@@ -789,6 +790,11 @@ impl Route {
             return None;
         };
         let matcher = RouteMatch::convert(m, &join(at, "match"), errs);
+        let per_filter = crate::filter::per_filter_configs(
+            typed_per_filter_config,
+            &join(at, "typed_per_filter_config"),
+            errs,
+        );
         let action = match action {
             Some(ActionProto::Route(a)) => RouteAction::convert(a, &join(at, "route"), errs)
                 .map(|a| Action::Forward(Box::new(a))),
@@ -829,6 +835,7 @@ impl Route {
             errs,
         );
         Some(Route {
+            per_filter,
             name: name.clone(),
             matcher: matcher?,
             action: action?,

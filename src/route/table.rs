@@ -27,6 +27,8 @@ pub struct VirtualHost {
     pub retry_policy: Option<RetryPolicy>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    /// `typed_per_filter_config`, by filter name (a route's own entry wins).
+    pub per_filter: crate::filter::PerFilterConfigs,
     index: RouteIndex,
 }
 
@@ -94,7 +96,6 @@ impl VirtualHost {
             virtual_clusters,
             rate_limits,
             cors,
-            typed_per_filter_config,
             retry_policy_typed_config,
             hedge_policy,
             include_is_timeout_retry_header,
@@ -115,6 +116,11 @@ impl VirtualHost {
             .filter_map(|(i, r)| Route::convert(r, &index(&join(at, "routes"), i), max_body, errs))
             .collect();
         Some(VirtualHost {
+            per_filter: crate::filter::per_filter_configs(
+                typed_per_filter_config,
+                &join(at, "typed_per_filter_config"),
+                errs,
+            ),
             index: RouteIndex::build(routes.iter().map(Route::path_key)),
             name: name.clone(),
             routes,
