@@ -191,6 +191,21 @@ fn value_to_json(v: envoy_types::pb::google::protobuf::Value) -> serde_json::Val
     }
 }
 
+fn builtin_local_ratelimit(
+    any: &PbAny,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<crate::filters::local_ratelimit::LocalRateLimit> {
+    use crate::filters::local_ratelimit::{LocalRateLimit, TYPE};
+    match unpack_any(any, TYPE, at) {
+        Ok(p) => LocalRateLimit::convert(&p, at, errs),
+        Err(e) => {
+            errs.extend(e);
+            None
+        }
+    }
+}
+
 /// Parsed `typed_per_filter_config` entries: (filter name, settings).
 pub type PerFilterConfigs = Vec<(String, Arc<dyn Any + Send + Sync>)>;
 
@@ -216,6 +231,11 @@ pub fn per_route_config(
     at: &str,
     errs: &mut Errors,
 ) -> Option<(String, Arc<dyn Any + Send + Sync>)> {
+    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if type_name == crate::filters::local_ratelimit::TYPE {
+        let f = builtin_local_ratelimit(any, at, errs)?;
+        return Some((name.to_string(), Arc::new(f)));
+    }
     let Some((config_type, value)) = typed_struct(any, at, errs) else {
         errs.add(
             at,
@@ -325,6 +345,20 @@ impl FilterChain {
                         }
                         Err(e) => errs.extend(e),
                     }
+                }
+                continue;
+            }
+            if let Some(a) =
+                any.filter(|_| type_name == Some(crate::filters::local_ratelimit::TYPE))
+            {
+                if *disabled {
+                    errs.add(join(&at, "disabled"), "not supported");
+                }
+                if let Some(f) = builtin_local_ratelimit(a, &join(&at, "typed_config"), errs) {
+                    chain.filters.push(NamedFilter {
+                        name: name.clone(),
+                        filter: Box::new(f),
+                    });
                 }
                 continue;
             }

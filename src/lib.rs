@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod filter;
+pub mod filters;
 pub mod io;
 pub mod listener;
 pub mod proxy;

@@ -1,0 +1,3 @@
+//! Envoy's HTTP filters that legate implements on its own filter API.
+
+pub mod local_ratelimit;
