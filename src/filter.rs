@@ -236,6 +236,16 @@ pub fn per_route_config(
         let f = builtin_local_ratelimit(any, at, errs)?;
         return Some((name.to_string(), Arc::new(f)));
     }
+    if type_name == crate::filters::header_mutation::PER_ROUTE_TYPE {
+        use crate::filters::header_mutation::{per_route, PER_ROUTE_TYPE};
+        return match unpack_any(any, PER_ROUTE_TYPE, at) {
+            Ok(p) => Some((name.to_string(), Arc::new(per_route(&p, at, errs)))),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        };
+    }
     let Some((config_type, value)) = typed_struct(any, at, errs) else {
         errs.add(
             at,
@@ -345,6 +355,26 @@ impl FilterChain {
                         }
                         Err(e) => errs.extend(e),
                     }
+                }
+                continue;
+            }
+            if let Some(a) =
+                any.filter(|_| type_name == Some(crate::filters::header_mutation::TYPE))
+            {
+                use crate::filters::header_mutation::{HeaderMutation, TYPE};
+                if *disabled {
+                    errs.add(join(&at, "disabled"), "not supported");
+                }
+                match unpack_any(a, TYPE, &at) {
+                    Ok(p) => chain.filters.push(NamedFilter {
+                        name: name.clone(),
+                        filter: Box::new(HeaderMutation::convert(
+                            &p,
+                            &join(&at, "typed_config"),
+                            errs,
+                        )),
+                    }),
+                    Err(e) => errs.extend(e),
                 }
                 continue;
             }

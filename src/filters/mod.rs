@@ -1,3 +1,4 @@
 //! Envoy's HTTP filters that legate implements on its own filter API.
 
+pub mod header_mutation;
 pub mod local_ratelimit;

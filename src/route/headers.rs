@@ -147,6 +147,13 @@ impl HeaderMutations {
         self.add.is_empty() && self.remove.is_empty()
     }
 
+    /// Whether any value uses a command operator (`%...%`).
+    pub fn uses_format(&self) -> bool {
+        self.add
+            .iter()
+            .any(|h| matches!(h.value, ValueTemplate::Formatted(_)))
+    }
+
     /// Envoy removes first, then adds.
     pub fn apply(&self, target: &mut dyn HeaderTarget, ctx: &FormatContext<'_>) {
         for name in &self.remove {
