@@ -47,10 +47,15 @@ pub enum FilterDecision {
         status: u16,
         body: String,
     },
+    /// Answer locally with this status, no body, and these headers.
+    RespondWithHeaders {
+        status: u16,
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
 }
 
 /// What a filter may know about the request it is looking at.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct FilterContext<'a> {
     /// The matched route's `name` (None when no route matched).
     pub route_name: Option<&'a str>,
@@ -62,6 +67,37 @@ pub struct FilterContext<'a> {
     pub per_route: Option<&'a (dyn Any + Send + Sync)>,
     /// The client, as the connection manager determined it (x-forwarded-for aware).
     pub client: Option<IpAddr>,
+    /// This filter's state for this request (e.g. something seen in the request that the
+    /// response hook needs).
+    pub state: &'a FilterState,
+}
+
+impl Default for FilterContext<'_> {
+    fn default() -> Self {
+        static NONE: FilterState = FilterState(OnceLock::new());
+        FilterContext {
+            route_name: None,
+            cluster: None,
+            per_route: None,
+            client: None,
+            state: &NONE,
+        }
+    }
+}
+
+/// Per-request, per-filter state: set once, read by later hooks of the same request.
+#[derive(Debug, Default)]
+pub struct FilterState(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl FilterState {
+    /// Stores `value`; false if this request's state was already set.
+    pub fn set<T: Any + Send + Sync>(&self, value: T) -> bool {
+        self.0.set(Box::new(value)).is_ok()
+    }
+
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.get()?.downcast_ref::<T>()
+    }
 }
 
 /// An HTTP filter. Filters see the request headers after routing is decided and before it
@@ -236,6 +272,19 @@ pub fn per_route_config(
         let f = builtin_local_ratelimit(any, at, errs)?;
         return Some((name.to_string(), Arc::new(f)));
     }
+    if type_name == crate::filters::cors::POLICY_TYPE {
+        use crate::filters::cors::{CorsPolicy, POLICY_TYPE};
+        return match unpack_any(any, POLICY_TYPE, at) {
+            Ok(p) => Some((
+                name.to_string(),
+                Arc::new(CorsPolicy::convert(&p, at, errs)),
+            )),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        };
+    }
     if type_name == crate::filters::header_mutation::PER_ROUTE_TYPE {
         use crate::filters::header_mutation::{per_route, PER_ROUTE_TYPE};
         return match unpack_any(any, PER_ROUTE_TYPE, at) {
@@ -356,6 +405,16 @@ impl FilterChain {
                         Err(e) => errs.extend(e),
                     }
                 }
+                continue;
+            }
+            if type_name == Some(crate::filters::cors::TYPE) {
+                if *disabled {
+                    errs.add(join(&at, "disabled"), "not supported");
+                }
+                chain.filters.push(NamedFilter {
+                    name: name.clone(),
+                    filter: Box::new(crate::filters::cors::Cors),
+                });
                 continue;
             }
             if let Some(a) =

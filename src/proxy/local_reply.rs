@@ -11,6 +11,8 @@ pub struct LocalReply {
     pub location: Option<String>,
     /// Envoy's `x-envoy-overloaded`-style flags and the like.
     pub extra_headers: Vec<(&'static str, &'static str)>,
+    /// Headers a filter's local reply carries.
+    pub filter_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl LocalReply {
@@ -20,6 +22,7 @@ impl LocalReply {
             body: body.into(),
             location: None,
             extra_headers: Vec::new(),
+            filter_headers: Vec::new(),
         }
     }
 
@@ -36,6 +39,9 @@ impl LocalReply {
         }
         if let Some(loc) = &self.location {
             resp.insert_header(http::header::LOCATION, loc.as_str())?;
+        }
+        for (k, v) in &self.filter_headers {
+            resp.insert_header(k.clone(), v.clone())?;
         }
         for (k, v) in &self.extra_headers {
             resp.insert_header(*k, *v)?;

@@ -66,6 +66,8 @@ pub struct RequestCtx {
     protocol: &'static str,
     /// An allowed upgrade (WebSocket): the connection becomes a tunnel after 101.
     upgrade: bool,
+    /// One state slot per HTTP filter (empty when the HCM has none).
+    filter_state: Vec<crate::filter::FilterState>,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<(usize, usize)>,
     weighted: Option<usize>,
@@ -194,14 +196,25 @@ impl ProxyHttp for LegateProxy {
         // Routing is decided first so that filters know the route (as Envoy's filters see
         // the cached route); it is acted on after them.
         let unroutable = find_route(session, ctx, &listener);
-        for f in &hcm.filters.filters {
-            let cx = filter_context(ctx, &f.name);
-            if let FilterDecision::Respond { status, body } =
-                f.filter.on_request_headers(session.req_header_mut(), &cx)
-            {
-                send_local_reply(session, ctx, LocalReply::new(status, body)).await?;
-                return Ok(true);
-            }
+        ctx.filter_state = hcm
+            .filters
+            .filters
+            .iter()
+            .map(|_| Default::default())
+            .collect();
+        for (i, f) in hcm.filters.filters.iter().enumerate() {
+            let cx = filter_context(ctx, i, &f.name);
+            let reply = match f.filter.on_request_headers(session.req_header_mut(), &cx) {
+                FilterDecision::Continue => continue,
+                FilterDecision::Respond { status, body } => LocalReply::new(status, body),
+                FilterDecision::RespondWithHeaders { status, headers } => {
+                    let mut reply = LocalReply::new(status, Bytes::new());
+                    reply.filter_headers = headers;
+                    reply
+                }
+            };
+            send_local_reply(session, ctx, reply).await?;
+            return Ok(true);
         }
         if let Some(reply) = unroutable {
             send_local_reply(session, ctx, reply).await?;
@@ -249,9 +262,9 @@ impl ProxyHttp for LegateProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(hcm) = ctx.hcm() {
-            for f in &hcm.filters.filters {
+            for (i, f) in hcm.filters.filters.iter().enumerate() {
                 f.filter
-                    .on_request_body(body, end_of_stream, &filter_context(ctx, &f.name));
+                    .on_request_body(body, end_of_stream, &filter_context(ctx, i, &f.name));
             }
         }
         Ok(())
@@ -266,9 +279,9 @@ impl ProxyHttp for LegateProxy {
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         if let Some(hcm) = ctx.hcm() {
-            for f in &hcm.filters.filters {
+            for (i, f) in hcm.filters.filters.iter().enumerate() {
                 f.filter
-                    .on_response_body(body, end_of_stream, &filter_context(ctx, &f.name));
+                    .on_response_body(body, end_of_stream, &filter_context(ctx, i, &f.name));
             }
         }
         Ok(None)
@@ -739,7 +752,7 @@ fn header_ms(headers: &http::HeaderMap, name: &str) -> Option<Option<Duration>> 
 /// Routes the request and picks the cluster and host, or says what to answer instead.
 /// What filters are told about the request: the matched route, its cluster, and the
 /// filter's own per-route settings.
-fn filter_context<'a>(ctx: &'a RequestCtx, filter: &str) -> FilterContext<'a> {
+fn filter_context<'a>(ctx: &'a RequestCtx, index: usize, filter: &str) -> FilterContext<'a> {
     let m = ctx.matched();
     let lookup = |list: &'a crate::filter::PerFilterConfigs| {
         list.iter()
@@ -759,6 +772,10 @@ fn filter_context<'a>(ctx: &'a RequestCtx, filter: &str) -> FilterContext<'a> {
             lookup(&m.route.per_filter).or_else(|| lookup(&m.virtual_host.per_filter))
         }),
         client: ctx.client_ip,
+        state: ctx
+            .filter_state
+            .get(index)
+            .unwrap_or(FilterContext::default().state),
     }
 }
 
@@ -887,9 +904,9 @@ fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
             let _ = resp.insert_header("x-request-id", id.clone());
         }
     }
-    for f in &hcm.filters.filters {
+    for (i, f) in hcm.filters.filters.iter().enumerate() {
         f.filter
-            .on_response_headers(resp, &filter_context(ctx, &f.name));
+            .on_response_headers(resp, &filter_context(ctx, i, &f.name));
     }
 }
 
