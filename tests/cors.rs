@@ -35,8 +35,11 @@ fn config(port: u16, up: u16) -> String {
     bootstrap(&[listener], &[cluster_yaml("up", &[up], "")])
 }
 
+/// Method, path and request headers of one case.
+type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
 fn observe(port: u16) -> Vec<(u16, Vec<(String, String)>)> {
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "OPTIONS",
             "/",
