@@ -16,6 +16,7 @@ const ROOTS: &[&str] = &[
     "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
     "envoy/extensions/transport_sockets/tls/v3/tls.proto",
     "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
+    "envoy/extensions/filters/network/connection_limit/v3/connection_limit.proto",
     "envoy/extensions/access_loggers/file/v3/file.proto",
     "envoy/extensions/access_loggers/stream/v3/stream.proto",
     "envoy/extensions/filters/http/local_ratelimit/v3/local_rate_limit.proto",

@@ -168,7 +168,59 @@ pub struct Chain {
     pub tls: Option<ServerTls>,
     /// `transport_socket_connect_timeout`: bounds the TLS handshake.
     pub handshake_timeout: Option<Duration>,
+    /// `envoy.filters.network.connection_limit` before the HCM.
+    pub connection_limit: Option<ConnectionLimit>,
+    /// Where the HCM sits in `filters` (for error paths).
+    pub hcm_index: usize,
     pub hcm: HttpConnectionManager,
+}
+
+/// Envoy's connection_limit network filter: at most `max` open connections on the chain,
+/// counted across workers; the count survives reloads (keyed by listener and stat_prefix).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    pub max: u64,
+    pub active: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ConnectionLimit {
+    /// Takes a slot; None (the connection is to be closed) when the chain is full.
+    pub fn acquire(&self) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        let before = self.active.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot(self.active.clone()))
+    }
+}
+
+/// An open connection counted against a [`ConnectionLimit`]; released when dropped.
+pub struct ConnectionSlot(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+fn limit_counter(key: String) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    static COUNTERS: OnceLock<Mutex<HashMap<String, Weak<std::sync::atomic::AtomicU64>>>> =
+        OnceLock::new();
+    let mut map = COUNTERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(c) = map.get(&key).and_then(Weak::upgrade) {
+        return c;
+    }
+    let c = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    map.insert(key, Arc::downgrade(&c));
+    c
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -347,9 +399,13 @@ impl Listener {
         }
         let mut chains = Vec::new();
         for (i, fc) in filter_chains.iter().enumerate() {
-            if let Some(c) =
-                convert_filter_chain(fc, &index(&join(at, "filter_chains"), i), rds, errs)
-            {
+            if let Some(c) = convert_filter_chain(
+                fc,
+                &index(&join(at, "filter_chains"), i),
+                &address.to_string(),
+                rds,
+                errs,
+            ) {
                 chains.push(c);
             }
         }
@@ -362,7 +418,7 @@ impl Listener {
                         "must not be set on the default chain",
                     );
                 }
-                let c = convert_filter_chain(fc, &dat, rds, errs)?;
+                let c = convert_filter_chain(fc, &dat, &address.to_string(), rds, errs)?;
                 chains.push(c);
                 Some(chains.len() - 1)
             }
@@ -464,6 +520,7 @@ fn listener_filter(
 fn convert_filter_chain(
     fc: &FilterChain,
     at: &str,
+    listener_key: &str,
     rds: &mut Rds<'_>,
     errs: &mut Errors,
 ) -> Option<Chain> {
@@ -491,8 +548,30 @@ fn convert_filter_chain(
         errs,
     );
     let handshake_timeout = duration::optional_timeout(transport_socket_connect_timeout, None);
-    let hcm = http_connection_manager(filters, at, rds, errs)?;
+    let hcm_index = filters.len().saturating_sub(1);
+    let mut connection_limit = None;
+    for (i, f) in filters[..hcm_index].iter().enumerate() {
+        let fat = index(&join(at, "filters"), i);
+        match connection_limit_filter(f, &fat, errs) {
+            Some((prefix, max)) if connection_limit.is_none() => {
+                connection_limit = Some(ConnectionLimit {
+                    max,
+                    active: limit_counter(format!("{listener_key}/{prefix}")),
+                });
+            }
+            Some(_) => errs.add(&fat, "only one connection_limit filter per chain"),
+            None => {}
+        }
+    }
+    let hcm = http_connection_manager(
+        &filters[hcm_index..],
+        &index(&join(at, "filters"), hcm_index),
+        rds,
+        errs,
+    )?;
     Some(Chain {
+        connection_limit,
+        hcm_index,
         name: name.clone(),
         server_names,
         transport_protocol,
@@ -586,21 +665,69 @@ fn transport(
     }
 }
 
+const CONNECTION_LIMIT_TYPE: &str =
+    "envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit";
+
+/// A connection_limit network filter: (stat_prefix, max_connections); anything else before
+/// the HCM is an error.
+fn connection_limit_filter(f: &Filter, at: &str, errs: &mut Errors) -> Option<(String, u64)> {
+    use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit as Proto;
+    let Filter { name, config_type } = f;
+    let Some(ConfigType::TypedConfig(any)) = config_type else {
+        errs.add(join(at, "typed_config"), format!("required for {name}"));
+        return None;
+    };
+    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if type_name != CONNECTION_LIMIT_TYPE {
+        errs.add(
+            at,
+            format!("network filter '{name}' ({type_name}) is not supported before the HTTP connection manager (only envoy.filters.network.connection_limit)"),
+        );
+        return None;
+    }
+    let p: Proto = match unpack_any(any, CONNECTION_LIMIT_TYPE, at) {
+        Ok(p) => p,
+        Err(e) => {
+            errs.extend(e);
+            return None;
+        }
+    };
+    let at = join(at, "typed_config");
+    let Proto {
+        stat_prefix,
+        max_connections,
+        delay,
+        runtime_enabled,
+    } = &p;
+    reject_set!(errs, &at, delay, runtime_enabled);
+    if stat_prefix.is_empty() {
+        errs.add(join(&at, "stat_prefix"), "must not be empty");
+    }
+    match max_connections {
+        Some(m) if m.value >= 1 => Some((stat_prefix.clone(), m.value)),
+        _ => {
+            errs.add(join(&at, "max_connections"), "required, at least 1");
+            None
+        }
+    }
+}
+
+/// The last network filter of a chain: the HTTP connection manager.
 fn http_connection_manager(
     filters: &[Filter],
     at: &str,
     rds: &mut Rds<'_>,
     errs: &mut Errors,
 ) -> Option<HttpConnectionManager> {
-    if filters.len() != 1 {
+    let Some(first) = filters.first() else {
         errs.add(
-            join(at, "filters"),
-            "exactly one network filter, envoy.filters.network.http_connection_manager, is supported",
+            at.rsplit_once(".filters").map_or(at, |(a, _)| a),
+            "the last network filter must be envoy.filters.network.http_connection_manager",
         );
         return None;
-    }
-    let at = index(&join(at, "filters"), 0);
-    let Filter { name, config_type } = &filters[0];
+    };
+    let at = at.to_string();
+    let Filter { name, config_type } = first;
     let any = match config_type {
         Some(ConfigType::TypedConfig(a)) => a,
         _ => {

@@ -390,7 +390,7 @@ async fn serve_connection(
     let _ = digest.peer_addr.set(Some(peer.into()));
     l4.set_socket_digest(digest);
     let listener = local.and_then(|a| snapshot.listener_at(a));
-    let stream: pingora::protocols::Stream = match listener {
+    let (stream, chain): (pingora::protocols::Stream, usize) = match listener {
         Some(l) if l.inspect => match accept_inspected(l4, l).await {
             Some(s) => s,
             None => return,
@@ -401,9 +401,20 @@ async fn serve_connection(
             let info = (limits.max_requests_per_connection.is_some()
                 || limits.max_connection_duration.is_some())
             .then(|| ConnectionInfo::new(0, None));
-            Box::new(Downstream::new(l4, info, l.hcm().h2c))
+            (Box::new(Downstream::new(l4, info, l.hcm().h2c)), 0)
         }
-        None => Box::new(Downstream::new(l4, None, false)),
+        None => (Box::new(Downstream::new(l4, None, false)), 0),
+    };
+    // Envoy's connection_limit filter: over the limit, the connection is closed at once.
+    let limit = listener
+        .and_then(|l| l.chains.get(chain))
+        .and_then(|c| c.connection_limit.as_ref());
+    let _slot = match limit {
+        Some(limit) => match limit.acquire() {
+            Some(slot) => Some(slot),
+            None => return,
+        },
+        None => None,
     };
     drop(snapshot);
     let mut next = app.process_new(stream, &shutdown).await;
@@ -422,7 +433,7 @@ async fn serve_connection(
 async fn accept_inspected(
     mut l4: L4Stream,
     listener: &crate::listener::Listener,
-) -> Option<pingora::protocols::Stream> {
+) -> Option<(pingora::protocols::Stream, usize)> {
     use crate::io::TlsInfo;
     use crate::listener::Transport;
     use pingora::protocols::Peek;
@@ -458,7 +469,7 @@ async fn accept_inspected(
         }
         let h2c = listener.chains[chain].hcm.h2c;
         let info = ConnectionInfo::new(chain, None);
-        return Some(Box::new(Downstream::new(l4, Some(info), h2c)));
+        return Some((Box::new(Downstream::new(l4, Some(info), h2c)), chain));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
     let start = match tokio::time::timeout(within(listener.inspect_timeout), acceptor).await {
@@ -512,7 +523,7 @@ async fn accept_inspected(
             cipher,
         }),
     );
-    Some(Box::new(Downstream::new(stream, Some(info), false)))
+    Some((Box::new(Downstream::new(stream, Some(info), false)), chain))
 }
 
 /// Envoy's `cluster_manager.cluster_added|modified|removed` and the `listener_manager`

@@ -289,7 +289,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
                 index(&join(&at, "filter_chains"), i)
             };
             let rc_at = join(
-                &index(&join(&chain_at, "filters"), 0),
+                &index(&join(&chain_at, "filters"), chain.hcm_index),
                 "typed_config.route_config",
             );
             chain

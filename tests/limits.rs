@@ -74,3 +74,33 @@ fn connections_close_after_max_requests_and_max_duration() {
     // A fresh connection is served.
     assert_eq!(get(port, "/", "x").status, 200);
 }
+
+#[test]
+fn connection_limit_closes_connections_over_the_limit() {
+    let up = Upstream::start("up");
+    let port = free_port();
+    let limit = r#"      - name: envoy.filters.network.connection_limit
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit
+          stat_prefix: front
+          max_connections: 2
+"#;
+    let yaml = config(port, up.port(), "")
+        .replace("    - filters:\n", &format!("    - filters:\n{limit}"));
+    let _l = Legate::start(&yaml, port);
+    let mut a = KeepAlive::connect(port).unwrap();
+    let mut b = KeepAlive::connect(port).unwrap();
+    assert_eq!(a.get("/", "x").unwrap().status, 200);
+    assert_eq!(b.get("/", "x").unwrap().status, 200);
+    // A third open connection is closed without an answer.
+    let mut c = KeepAlive::connect(port).unwrap();
+    assert!(c.get("/", "x").is_err());
+    // Once one closes, there is room again.
+    drop(a);
+    eventually(5, "a slot frees up", || {
+        KeepAlive::connect(port)
+            .and_then(|mut d| d.get("/", "x"))
+            .is_ok()
+    });
+    assert_eq!(b.get("/", "x").unwrap().status, 200);
+}
