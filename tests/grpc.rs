@@ -197,3 +197,46 @@ fn grpc_and_h2_streams_end_to_end() {
         assert_eq!(trailers.get("x-echo").unwrap(), "done");
     });
 }
+
+/// `grpc-timeout` replaces the route timeout where the route honours it
+/// (`max_stream_duration.grpc_timeout_header_max`), capped by that max; same statuses as
+/// Envoy.
+#[test]
+fn grpc_timeout_header_bounds_the_request_like_envoy() {
+    let slow = ScriptedUpstream::start("slow", |_| Behavior::Sleep(1500));
+    let config = |port: u16| {
+        bootstrap(
+            &[listener_yaml(
+                "main",
+                port,
+                r#"virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - {match: {prefix: /capped}, route: {cluster: slow, timeout: 10s, max_stream_duration: {grpc_timeout_header_max: 0.2s}}}
+  - {match: {prefix: /honoured}, route: {cluster: slow, timeout: 10s, max_stream_duration: {grpc_timeout_header_max: 0s}}}
+  - {match: {prefix: /}, route: {cluster: slow, timeout: 10s}}"#,
+                "",
+            )],
+            &[cluster_yaml("slow", &[slow.addr.port()], "")],
+        )
+    };
+    let port = free_port();
+    let _l = Legate::start(&config(port), port);
+    let envoy_port = free_port();
+    let _e = Envoy::start(&config(envoy_port), envoy_port);
+    // The upstream answers after 1.5 s, well inside the route's 10 s: a 504 means the
+    // grpc-timeout (or its cap) bounded the request.
+    let status = |port: u16, path: &str, header: &str| {
+        request(port, "GET", path, "x", &[("grpc-timeout", header)]).status
+    };
+    for p in [port, envoy_port] {
+        assert_eq!(status(p, "/honoured", "300m"), 504, "port {p}");
+        // Capped at 200 ms even though the client allows 5 s.
+        assert_eq!(status(p, "/capped", "5S"), 504, "port {p}");
+        // A longer grpc-timeout lets the answer through.
+        assert_eq!(status(p, "/honoured", "5S"), 200, "port {p}");
+        // Not honoured on the plain route.
+        assert_eq!(status(p, "/plain", "100m"), 200, "port {p}");
+    }
+}

@@ -749,7 +749,6 @@ fn header_ms(headers: &http::HeaderMap, name: &str) -> Option<Option<Duration>> 
     Some((ms > 0).then(|| Duration::from_millis(ms)))
 }
 
-/// Routes the request and picks the cluster and host, or says what to answer instead.
 /// What filters are told about the request: the matched route, its cluster, and the
 /// filter's own per-route settings.
 fn filter_context<'a>(ctx: &'a RequestCtx, index: usize, filter: &str) -> FilterContext<'a> {
@@ -810,6 +809,7 @@ fn find_route(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> O
     None
 }
 
+/// Picks the cluster and host for the matched route, or says what to answer instead.
 fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decision {
     let req = session.req_header();
     let Some(view) = request_view(session, ctx) else {
@@ -869,7 +869,13 @@ fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decis
         cluster,
         host,
         weighted,
-        timeout: action.timeout,
+        timeout: action
+            .grpc_timeout
+            .and_then(|g| {
+                let v = req.headers.get("grpc-timeout")?.to_str().ok()?;
+                g.for_header(v)
+            })
+            .unwrap_or(action.timeout),
         hash,
     }
 }

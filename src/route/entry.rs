@@ -348,6 +348,84 @@ pub struct RouteAction {
     pub idle_timeout: Option<Duration>,
     pub hash_policy: HashPolicy,
     pub retry_policy: Option<RetryPolicy>,
+    /// Set when the route honours the `grpc-timeout` request header.
+    pub grpc_timeout: Option<GrpcTimeout>,
+}
+
+/// Envoy's `max_stream_duration.grpc_timeout_header_max` / `_offset` (or the deprecated
+/// `max_grpc_timeout` / `grpc_timeout_offset`): a request's `grpc-timeout` replaces the
+/// route timeout, capped by `max` (unless zero) and less `offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcTimeout {
+    pub max: Option<Duration>,
+    pub offset: Duration,
+}
+
+impl GrpcTimeout {
+    /// The timeout for a request with this `grpc-timeout` value; None when the header does
+    /// not parse (the route timeout then applies, as in Envoy), Some(None) for no limit.
+    pub fn for_header(&self, value: &str) -> Option<Option<Duration>> {
+        let value = value.trim();
+        let split = value.len().checked_sub(1)?;
+        let (digits, unit) = value.split_at(split);
+        if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        let t = match unit {
+            "H" => Duration::from_secs(n * 3600),
+            "M" => Duration::from_secs(n * 60),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        };
+        let t = match self.max {
+            Some(max) if t > max => max,
+            _ => t,
+        };
+        if t.is_zero() {
+            return Some(None);
+        }
+        Some(Some(if t > self.offset { t - self.offset } else { t }))
+    }
+}
+
+fn grpc_timeout(
+    msd: Option<&envoy_types::pb::envoy::config::route::v3::route_action::MaxStreamDuration>,
+    legacy_max: Option<&envoy_types::pb::google::protobuf::Duration>,
+    legacy_offset: Option<&envoy_types::pb::google::protobuf::Duration>,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<GrpcTimeout> {
+    let make = |max: &envoy_types::pb::google::protobuf::Duration,
+                offset: Option<&envoy_types::pb::google::protobuf::Duration>| {
+        let max = duration::to_std(max);
+        GrpcTimeout {
+            max: (!max.is_zero()).then_some(max),
+            offset: offset.map(duration::to_std).unwrap_or_default(),
+        }
+    };
+    if let Some(m) = msd {
+        let envoy_types::pb::envoy::config::route::v3::route_action::MaxStreamDuration {
+            max_stream_duration,
+            grpc_timeout_header_max,
+            grpc_timeout_header_offset,
+        } = m;
+        let mat = join(at, "max_stream_duration");
+        reject_set!(errs, &mat, max_stream_duration);
+        if legacy_max.is_some() || legacy_offset.is_some() {
+            errs.add(
+                join(at, "max_grpc_timeout"),
+                "use max_stream_duration.grpc_timeout_header_max instead, not both",
+            );
+        }
+        return grpc_timeout_header_max
+            .as_ref()
+            .map(|max| make(max, grpc_timeout_header_offset.as_ref()));
+    }
+    legacy_max.map(|max| make(max, legacy_offset))
 }
 
 impl RouteAction {
@@ -397,17 +475,21 @@ impl RouteAction {
             rate_limits,
             include_vh_rate_limits,
             cors,
-            max_grpc_timeout,
-            grpc_timeout_offset,
             upgrade_configs,
             internal_redirect_policy,
             internal_redirect_action,
             max_internal_redirects,
             hedge_policy,
-            max_stream_duration,
         );
         duration::check(timeout, &join(at, "timeout"), errs);
         duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
+        let grpc_timeout = grpc_timeout(
+            max_stream_duration.as_ref(),
+            max_grpc_timeout.as_ref(),
+            grpc_timeout_offset.as_ref(),
+            at,
+            errs,
+        );
         let cluster = match cluster_specifier {
             Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Named(c.clone()),
             Some(ClusterSpecifier::Cluster(_)) => {
@@ -493,6 +575,7 @@ impl RouteAction {
             }
         };
         Some(RouteAction {
+            grpc_timeout,
             cluster,
             cluster_not_found_status,
             prefix_rewrite: (!prefix_rewrite.is_empty()).then(|| prefix_rewrite.clone()),
