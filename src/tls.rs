@@ -98,30 +98,12 @@ fn server_config(
     require_sni: bool,
     errs: &mut Errors,
 ) -> Option<ServerConfig> {
-    let CommonTlsContext {
+    let CommonParts {
         tls_params,
         tls_certificates,
-        tls_certificate_sds_secret_configs,
-        tls_certificate_provider_instance,
-        custom_tls_certificate_selector,
-        tls_certificate_certificate_provider,
-        tls_certificate_certificate_provider_instance,
         alpn_protocols,
-        custom_handshaker,
-        key_log,
         validation_context_type,
-    } = c;
-    reject_set!(
-        errs,
-        at,
-        tls_certificate_sds_secret_configs,
-        tls_certificate_provider_instance,
-        custom_tls_certificate_selector,
-        tls_certificate_certificate_provider,
-        tls_certificate_certificate_provider_instance,
-        custom_handshaker,
-        key_log,
-    );
+    } = common_parts(c, at, errs);
     if let Some(v) = validation_context_type {
         let field = match v {
             ValidationContextType::ValidationContext(_) => "validation_context",
@@ -149,7 +131,7 @@ fn server_config(
             provider::DEFAULT_KX_GROUPS.to_vec(),
         ),
     };
-    let (chain, key) = match tls_certificates.as_slice() {
+    let (chain, key) = match tls_certificates {
         [one] => certificate(one, &index(&join(at, "tls_certificates"), 0), errs)?,
         [] => {
             errs.add(
@@ -198,6 +180,47 @@ fn server_config(
         config.cert_resolver = Arc::new(RequireSni(config.cert_resolver.clone()));
     }
     Some(config)
+}
+
+/// The parts of a `CommonTlsContext` that legate reads; the others are rejected here.
+struct CommonParts<'a> {
+    tls_params: &'a Option<TlsParameters>,
+    tls_certificates: &'a [TlsCertificate],
+    alpn_protocols: &'a [String],
+    validation_context_type: &'a Option<ValidationContextType>,
+}
+
+fn common_parts<'a>(c: &'a CommonTlsContext, at: &str, errs: &mut Errors) -> CommonParts<'a> {
+    let CommonTlsContext {
+        tls_params,
+        tls_certificates,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        alpn_protocols,
+        custom_handshaker,
+        key_log,
+        validation_context_type,
+    } = c;
+    reject_set!(
+        errs,
+        at,
+        tls_certificate_sds_secret_configs,
+        tls_certificate_provider_instance,
+        custom_tls_certificate_selector,
+        tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance,
+        custom_handshaker,
+        key_log,
+    );
+    CommonParts {
+        tls_params,
+        tls_certificates,
+        alpn_protocols,
+        validation_context_type,
+    }
 }
 
 /// `require_sni`: refuse handshakes without a server name.
@@ -463,31 +486,18 @@ impl UpstreamTls {
 }
 
 fn upstream_common(c: &CommonTlsContext, at: &str, tls: &mut UpstreamTls, errs: &mut Errors) {
-    let CommonTlsContext {
+    let CommonParts {
         tls_params,
         tls_certificates,
-        tls_certificate_sds_secret_configs,
-        tls_certificate_provider_instance,
-        custom_tls_certificate_selector,
-        tls_certificate_certificate_provider,
-        tls_certificate_certificate_provider_instance,
         alpn_protocols,
-        custom_handshaker,
-        key_log,
         validation_context_type,
-    } = c;
-    reject_set!(
-        errs,
-        at,
-        tls_params,
-        tls_certificate_sds_secret_configs,
-        tls_certificate_provider_instance,
-        custom_tls_certificate_selector,
-        tls_certificate_certificate_provider,
-        tls_certificate_certificate_provider_instance,
-        custom_handshaker,
-        key_log,
-    );
+    } = common_parts(c, at, errs);
+    if tls_params.is_some() {
+        errs.add(
+            join(at, "tls_params"),
+            "not supported for upstream connections yet",
+        );
+    }
     // ALPN for upstreams follows the cluster's HTTP protocol options (as Envoy sets it).
     if !alpn_protocols.is_empty() {
         errs.add(
@@ -495,7 +505,7 @@ fn upstream_common(c: &CommonTlsContext, at: &str, tls: &mut UpstreamTls, errs: 
             "set the protocol with the cluster's typed_extension_protocol_options instead",
         );
     }
-    match tls_certificates.as_slice() {
+    match tls_certificates {
         [] => {}
         [one] => {
             let cat = index(&join(at, "tls_certificates"), 0);
