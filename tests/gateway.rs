@@ -304,6 +304,9 @@ fn upstream_connections_are_reused() {
     let e = env();
     for _ in 0..10 {
         assert_eq!(get(e.port, "/reuse", "w").status, 200);
+        // The upstream connection goes back to the pool just after the response is sent;
+        // give that a moment so the next request can find it.
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let ports: std::collections::HashSet<u16> = e.a.seen().iter().map(|s| s.peer_port).collect();
     assert_eq!(e.a.count(), 10);
