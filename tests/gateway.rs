@@ -310,9 +310,12 @@ fn upstream_connections_are_reused() {
     }
     let ports: std::collections::HashSet<u16> = e.a.seen().iter().map(|s| s.peer_port).collect();
     assert_eq!(e.a.count(), 10);
-    // Sequential requests share pooled connections (one per worker thread at most).
+    // Sequential requests share pooled connections: about one per worker thread. Pingora
+    // hands a released connection over through an idle-watch task, and a worker that finds
+    // it busy at that moment opens another ("failed to acquire reusable stream"), so a
+    // third connection happens now and then; ten would mean no pooling at all.
     assert!(
-        ports.len() <= 2,
+        ports.len() <= 4,
         "{} upstream connections for 10 requests",
         ports.len()
     );
