@@ -59,6 +59,10 @@ pub struct Rds<'a> {
     pub missing: bool,
     /// Each route configuration's `initial_fetch_timeout` (None: wait forever).
     pub timeouts: std::collections::HashMap<String, Option<Duration>>,
+    /// TLS secrets delivered over SDS (on the ADS stream).
+    pub secrets: &'a dyn Fn(&str) -> Option<crate::tls::Secret>,
+    /// Every SDS secret name seen (to subscribe to).
+    pub secret_names: Vec<String>,
 }
 
 /// Envoy's default `initial_fetch_timeout`.
@@ -539,7 +543,7 @@ fn convert_filter_chain(
         None => (Vec::new(), None),
     };
     let tls = match transport_socket {
-        Some(ts) => transport(ts, &join(at, "transport_socket"), errs),
+        Some(ts) => Some(transport(ts, &join(at, "transport_socket"), rds, errs)?),
         None => None,
     };
     duration::check(
@@ -645,6 +649,7 @@ fn chain_match(
 fn transport(
     ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
     at: &str,
+    rds: &mut Rds<'_>,
     errs: &mut Errors,
 ) -> Option<ServerTls> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as TsConfig;
@@ -653,7 +658,7 @@ fn transport(
         Some(TsConfig::TypedConfig(any))
             if name == TLS_TRANSPORT_SOCKET || any.type_url.ends_with("DownstreamTlsContext") =>
         {
-            ServerTls::convert(any, at, errs)
+            ServerTls::convert(any, at, rds, errs)
         }
         _ => {
             errs.add(

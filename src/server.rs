@@ -644,6 +644,7 @@ fn needs(s: &Snapshot) -> Needs {
             .filter_map(|c| c.eds_service.clone())
             .collect(),
         rds: s.rds_names.clone(),
+        sds: s.sds_names.clone(),
         rds_timeouts: s.rds_timeouts.clone(),
     }
 }

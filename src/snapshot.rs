@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub dynamic: Arc<Dynamic>,
     /// Route configurations the listeners take from RDS.
     pub rds_names: Vec<String>,
+    /// SDS secrets the listeners name (to subscribe to).
+    pub sds_names: Vec<String>,
     /// Their `initial_fetch_timeout`s.
     pub rds_timeouts: HashMap<String, Option<std::time::Duration>>,
     /// Listeners waiting for their RDS routes (not serving yet).
@@ -247,11 +249,15 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
                 })
         })
     };
+    let secrets_source = dynamic.secrets.clone();
+    let secret_lookup = move |name: &str| secrets_source.get(name).cloned();
     let mut rds = Rds {
         lookup: &rds_lookup,
         names: Vec::new(),
         missing: false,
         timeouts: HashMap::new(),
+        secrets: &secret_lookup,
+        secret_names: Vec::new(),
     };
     let mut warming = Vec::new();
     let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
@@ -318,6 +324,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         xds,
         dynamic,
         rds_names: rds.names,
+        sds_names: rds.secret_names,
         rds_timeouts: rds.timeouts,
         warming,
         bootstrap,

@@ -31,9 +31,18 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
 }
 
+/// The SDS resource type (`Secret`), delivered on the ADS stream.
+pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+
 impl ServerTls {
-    /// From a filter chain's `transport_socket` typed_config.
-    pub fn convert(any: &Any, at: &str, errs: &mut Errors) -> Option<Self> {
+    /// From a filter chain's `transport_socket` typed_config. A certificate named by SDS
+    /// that has not arrived yet sets `rds.missing` (the listener warms, as in Envoy).
+    pub fn convert(
+        any: &Any,
+        at: &str,
+        rds: &mut crate::listener::Rds<'_>,
+        errs: &mut Errors,
+    ) -> Option<Self> {
         let ctx: DownstreamTlsContext = match unpack_any(any, DOWNSTREAM_TLS_TYPE, at) {
             Ok(c) => c,
             Err(e) => {
@@ -85,7 +94,13 @@ impl ServerTls {
             );
             return None;
         };
-        let config = server_config(common, &join(&at, "common_tls_context"), require_sni, errs)?;
+        let config = server_config(
+            common,
+            &join(&at, "common_tls_context"),
+            require_sni,
+            rds,
+            errs,
+        )?;
         Some(ServerTls {
             config: Arc::new(config),
         })
@@ -96,6 +111,7 @@ fn server_config(
     c: &CommonTlsContext,
     at: &str,
     require_sni: bool,
+    rds: &mut crate::listener::Rds<'_>,
     errs: &mut Errors,
 ) -> Option<ServerConfig> {
     let CommonParts {
@@ -104,6 +120,10 @@ fn server_config(
         alpn_protocols,
         validation_context_type,
     } = common_parts(c, at, errs);
+    let sds = sds_certificate(&c.tls_certificate_sds_secret_configs, at, rds, errs);
+    if sds.is_none() && !c.tls_certificate_sds_secret_configs.is_empty() {
+        return None;
+    }
     if let Some(v) = validation_context_type {
         let field = match v {
             ValidationContextType::ValidationContext(_) => "validation_context",
@@ -132,11 +152,19 @@ fn server_config(
         ),
     };
     let (chain, key) = match tls_certificates {
+        _ if sds.is_some() && !tls_certificates.is_empty() => {
+            errs.add(
+                join(at, "tls_certificates"),
+                "set either tls_certificates or tls_certificate_sds_secret_configs",
+            );
+            return None;
+        }
+        [] if sds.is_some() => sds?,
         [one] => certificate(one, &index(&join(at, "tls_certificates"), 0), errs)?,
         [] => {
             errs.add(
                 join(at, "tls_certificates"),
-                "one certificate is required (SDS secrets are not supported yet)",
+                "one certificate (or an SDS secret) is required",
             );
             return None;
         }
@@ -194,7 +222,8 @@ fn common_parts<'a>(c: &'a CommonTlsContext, at: &str, errs: &mut Errors) -> Com
     let CommonTlsContext {
         tls_params,
         tls_certificates,
-        tls_certificate_sds_secret_configs,
+        // Read by the downstream side (SDS); the upstream side rejects it.
+        tls_certificate_sds_secret_configs: _,
         tls_certificate_provider_instance,
         custom_tls_certificate_selector,
         tls_certificate_certificate_provider,
@@ -207,7 +236,6 @@ fn common_parts<'a>(c: &'a CommonTlsContext, at: &str, errs: &mut Errors) -> Com
     reject_set!(
         errs,
         at,
-        tls_certificate_sds_secret_configs,
         tls_certificate_provider_instance,
         custom_tls_certificate_selector,
         tls_certificate_certificate_provider,
@@ -220,6 +248,56 @@ fn common_parts<'a>(c: &'a CommonTlsContext, at: &str, errs: &mut Errors) -> Com
         tls_certificates,
         alpn_protocols,
         validation_context_type,
+    }
+}
+
+/// The certificate an `SdsSecretConfig` names, from the secrets delivered over ADS. None
+/// without an entry; None with `rds.missing` set while the secret has not arrived.
+fn sds_certificate(
+    configs: &[envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig],
+    at: &str,
+    rds: &mut crate::listener::Rds<'_>,
+    errs: &mut Errors,
+) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        secret::Type, SdsSecretConfig,
+    };
+    let list_at = join(at, "tls_certificate_sds_secret_configs");
+    let config = match configs {
+        [] => return None,
+        [one] => one,
+        _ => {
+            errs.add(list_at, "only one certificate per context is supported");
+            return None;
+        }
+    };
+    let at = index(&list_at, 0);
+    let SdsSecretConfig { name, sds_config } = config;
+    let over_ads = sds_config
+        .as_ref()
+        .and_then(|c| c.config_source_specifier.as_ref())
+        .is_some_and(|s| matches!(s, ConfigSourceSpecifier::Ads(_)));
+    if !over_ads {
+        errs.add(join(&at, "sds_config"), "only ads: {} is supported");
+        return None;
+    }
+    if name.is_empty() {
+        errs.add(join(&at, "name"), "must not be empty");
+        return None;
+    }
+    rds.secret_names.push(name.clone());
+    let Some(secret) = (rds.secrets)(name) else {
+        rds.missing = true;
+        return None;
+    };
+    let sat = format!("sds[{name}]");
+    match &secret.r#type {
+        Some(Type::TlsCertificate(c)) => certificate(c, &join(&sat, "tls_certificate"), errs),
+        _ => {
+            errs.add(sat, "must be a tls_certificate secret");
+            None
+        }
     }
 }
 

@@ -442,3 +442,137 @@ fn delta_xds_adds_updates_and_removes_resources() {
     server.push_delta(CLUSTER, "n5", vec![], vec!["svc"]);
     eventually(10, "cluster removed", || get(port, "/", "w").status == 503);
 }
+
+const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+fn tls_listener_with_sds(name: &str, port: u16, secret: &str) -> Vec<u8> {
+    let yaml = format!(
+        r#"
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- transport_socket:
+    name: envoy.transport_sockets.tls
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+      common_tls_context:
+        tls_certificate_sds_secret_configs: [{{name: {secret}, sds_config: {{ads: {{}}, resource_api_version: V3}}}}]
+  filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: {name}
+      route_config:
+        virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200, body: {{inline_string: tls}}}}}}]}}]
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    );
+    let l: envoy_types::pb::envoy::config::listener::v3::Listener =
+        legate::config::load::parse_message(&yaml, "envoy.config.listener.v3.Listener").unwrap();
+    l.encode_to_vec()
+}
+
+/// A Secret resource carrying a new self-signed certificate; its DER, for the client.
+fn secret(name: &str) -> (Vec<u8>, Vec<u8>) {
+    use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        secret::Type, Secret, TlsCertificate,
+    };
+    let c = rcgen::generate_simple_self_signed(vec!["gw.example.com".to_string()]).unwrap();
+    let inline = |s: String| DataSource {
+        specifier: Some(Specifier::InlineString(s)),
+        ..Default::default()
+    };
+    let s = Secret {
+        name: name.to_string(),
+        r#type: Some(Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(c.cert.pem())),
+            private_key: Some(inline(c.signing_key.serialize_pem())),
+            ..Default::default()
+        })),
+    };
+    (s.encode_to_vec(), c.cert.der().to_vec())
+}
+
+/// Whether a TLS handshake to `port` succeeds when trusting only `der`.
+fn served_by(port: u16, der: &[u8]) -> bool {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(der.to_vec()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("gw.example.com").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn listener_certificates_arrive_over_sds_and_rotate() {
+    let server = Server::start();
+    let admin_port = free_port();
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
+    eventually(10, "LDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == LISTENER)
+    });
+    server.push(CLUSTER, "c1", vec![]);
+    let port = free_port();
+    server.push(
+        LISTENER,
+        "l1",
+        vec![tls_listener_with_sds("tls", port, "gw-cert")],
+    );
+    eventually(
+        10,
+        "SDS subscription for the listener's certificate",
+        || {
+            server
+                .requests()
+                .iter()
+                .any(|r| r.type_url == SECRET && r.resource_names == ["gw-cert"])
+        },
+    );
+    // Warming: no certificate yet, so the listener does not accept.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let (first, first_der) = secret("gw-cert");
+    server.push(SECRET, "s1", vec![first]);
+    eventually(10, "the listener serves the SDS certificate", || {
+        served_by(port, &first_der)
+    });
+    // Rotation: a new version of the secret is served to new connections.
+    let (second, second_der) = secret("gw-cert");
+    server.push(SECRET, "s2", vec![second]);
+    eventually(10, "the rotated certificate is served", || {
+        served_by(port, &second_der)
+    });
+    assert!(!served_by(port, &first_der));
+    let acks = server
+        .requests()
+        .iter()
+        .filter(|r| r.type_url == SECRET && r.version_info == "s2" && r.error_detail.is_none())
+        .count();
+    assert!(acks >= 1, "the second secret version is ACKed");
+}

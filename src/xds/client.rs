@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 
 use super::fetch::FetchTimeouts;
 use super::state::TypeState;
-use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use super::{
+    Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
+};
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
@@ -33,6 +35,8 @@ pub type Apply = Arc<dyn Fn(Dynamic) -> Result<Needs, String> + Send + Sync>;
 pub struct Needs {
     pub eds: Vec<String>,
     pub rds: Vec<String>,
+    /// SDS secret names the listeners refer to.
+    pub sds: Vec<String>,
     /// Each RDS name's `initial_fetch_timeout` (None: wait forever).
     pub rds_timeouts: std::collections::HashMap<String, Option<Duration>>,
 }
@@ -89,11 +93,13 @@ pub fn spawn(
             eds: TypeState::new(ENDPOINT_TYPE),
             lds: TypeState::new(LISTENER_TYPE),
             rds: TypeState::new(ROUTE_TYPE),
+            sds: TypeState::new(SECRET_TYPE),
             apply,
             fetch: FetchTimeouts::default(),
         };
         client.eds.names = needs.eds.clone();
         client.rds.names = needs.rds.clone();
+        client.sds.names = needs.sds.clone();
         client.arm_fetch_timeouts(&needs);
         let mut backoff = MIN_BACKOFF;
         loop {
@@ -121,6 +127,7 @@ struct Client {
     eds: TypeState,
     lds: TypeState,
     rds: TypeState,
+    sds: TypeState,
     apply: Apply,
     fetch: FetchTimeouts,
 }
@@ -131,6 +138,7 @@ enum Kind {
     Eds,
     Lds,
     Rds,
+    Sds,
 }
 
 impl Client {
@@ -145,6 +153,7 @@ impl Client {
             (Kind::Eds, !self.eds.names.is_empty()),
             (Kind::Lds, self.config.lds),
             (Kind::Rds, !self.rds.names.is_empty()),
+            (Kind::Sds, !self.sds.names.is_empty()),
         ];
         for (kind, on) in wanted {
             let node = if first { self.node.clone() } else { None };
@@ -184,6 +193,7 @@ impl Client {
             ENDPOINT_TYPE => self.on_endpoints(resp),
             LISTENER_TYPE => self.on_listeners(resp),
             ROUTE_TYPE => self.on_routes(resp),
+            SECRET_TYPE => self.on_secrets(resp),
             other => {
                 log::warn!("xDS: ignoring a response of unsubscribed type {other}");
                 Vec::new()
@@ -224,6 +234,19 @@ impl Client {
         self.apply_candidate(candidate, resp, Kind::Rds)
     }
 
+    fn on_secrets(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
+        let mut candidate = self.dynamic.clone();
+        for (i, any) in resp.resources.iter().enumerate() {
+            match crate::tls::Secret::decode(any.value.as_slice()) {
+                Ok(secret) => {
+                    candidate.secrets.insert(secret.name.clone(), secret);
+                }
+                Err(e) => return vec![self.sds.nack(resp, &format!("resources[{i}]: {e}"))],
+            }
+        }
+        self.apply_candidate(candidate, resp, Kind::Sds)
+    }
+
     fn arm_fetch_timeouts(&mut self, needs: &Needs) {
         self.fetch.arm(needs, &self.dynamic);
     }
@@ -243,6 +266,7 @@ impl Client {
             Kind::Eds => &mut self.eds,
             Kind::Lds => &mut self.lds,
             Kind::Rds => &mut self.rds,
+            Kind::Sds => &mut self.sds,
         }
     }
 
@@ -286,9 +310,12 @@ impl Client {
                 needs.eds.dedup();
                 needs.rds.sort();
                 needs.rds.dedup();
-                // Endpoints and routes nothing refers to any more are forgotten.
+                needs.sds.sort();
+                needs.sds.dedup();
+                // Endpoints, routes and secrets nothing refers to any more are forgotten.
                 candidate.endpoints.retain(|k, _| needs.eds.contains(k));
                 candidate.routes.retain(|k, _| needs.rds.contains(k));
+                candidate.secrets.retain(|k, _| needs.sds.contains(k));
                 self.dynamic = candidate;
                 self.arm_fetch_timeouts(&needs);
                 if needs.eds != self.eds.names {
@@ -298,6 +325,10 @@ impl Client {
                 if needs.rds != self.rds.names {
                     self.rds.names = needs.rds.clone();
                     out.push(self.rds.subscribe(None));
+                }
+                if needs.sds != self.sds.names {
+                    self.sds.names = needs.sds.clone();
+                    out.push(self.sds.subscribe(None));
                 }
                 out
             }

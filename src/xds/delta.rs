@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use super::client::{connect, Apply, Needs, Target};
 use super::fetch::FetchTimeouts;
-use super::{Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use super::{
+    Dynamic, XdsConfig, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
+};
 
 /// One resource type's delta subscription.
 #[derive(Debug, Default, Clone)]
@@ -106,6 +108,7 @@ pub struct DeltaClient {
     eds: DeltaType,
     lds: DeltaType,
     rds: DeltaType,
+    sds: DeltaType,
     fetch: FetchTimeouts,
 }
 
@@ -126,10 +129,12 @@ impl DeltaClient {
             eds: DeltaType::new(ENDPOINT_TYPE, false),
             lds: DeltaType::new(LISTENER_TYPE, true),
             rds: DeltaType::new(ROUTE_TYPE, false),
+            sds: DeltaType::new(SECRET_TYPE, false),
             fetch: FetchTimeouts::default(),
         };
         c.eds.names = needs.eds.iter().cloned().collect();
         c.rds.names = needs.rds.iter().cloned().collect();
+        c.sds.names = needs.sds.iter().cloned().collect();
         c.arm_fetch_timeouts(needs);
         c
     }
@@ -147,6 +152,7 @@ impl DeltaClient {
             (&self.eds, !self.eds.names.is_empty()),
             (&self.lds, self.config.lds),
             (&self.rds, !self.rds.names.is_empty()),
+            (&self.sds, !self.sds.names.is_empty()),
         ];
         let mut initial = Vec::new();
         for (state, on) in kinds {
@@ -204,6 +210,9 @@ impl DeltaClient {
             ROUTE_TYPE => upsert_map(resp, &mut candidate.routes, |r: &RouteConfiguration| {
                 r.name.clone()
             }),
+            SECRET_TYPE => upsert_map(resp, &mut candidate.secrets, |s: &crate::tls::Secret| {
+                s.name.clone()
+            }),
             other => {
                 log::warn!("delta xDS: ignoring type {other}");
                 return Vec::new();
@@ -213,6 +222,7 @@ impl DeltaClient {
             CLUSTER_TYPE => &mut self.cds,
             ENDPOINT_TYPE => &mut self.eds,
             LISTENER_TYPE => &mut self.lds,
+            SECRET_TYPE => &mut self.sds,
             _ => &mut self.rds,
         };
         if let Err(reason) = decoded {
@@ -235,10 +245,12 @@ impl DeltaClient {
                 let mut out = vec![state.ack(&resp.nonce)];
                 candidate.endpoints.retain(|k, _| needs.eds.contains(k));
                 candidate.routes.retain(|k, _| needs.rds.contains(k));
+                candidate.secrets.retain(|k, _| needs.sds.contains(k));
                 self.dynamic = candidate;
                 self.arm_fetch_timeouts(&needs);
                 out.extend(self.eds.resubscribe(&needs.eds));
                 out.extend(self.rds.resubscribe(&needs.rds));
+                out.extend(self.sds.resubscribe(&needs.sds));
                 out
             }
         }

@@ -28,6 +28,8 @@ pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// How to reach the management server, from `dynamic_resources`.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +55,8 @@ pub struct Dynamic {
     pub endpoints: HashMap<String, ClusterLoadAssignment>,
     pub listeners: BTreeMap<String, ListenerProto>,
     pub routes: HashMap<String, RouteConfiguration>,
+    /// TLS secrets (SDS), by name.
+    pub secrets: HashMap<String, crate::tls::Secret>,
     /// Route configurations whose initial fetch timed out (served as empty tables).
     pub rds_timed_out: std::collections::BTreeSet<String>,
     /// Per resource type: the version last accepted and when (seconds since the epoch).
