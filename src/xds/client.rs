@@ -223,26 +223,20 @@ impl Client {
 
     fn on_routes(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
         let mut candidate = self.dynamic.clone();
-        for (i, any) in resp.resources.iter().enumerate() {
-            match RouteConfiguration::decode(any.value.as_slice()) {
-                Ok(rc) => {
-                    candidate.routes.insert(rc.name.clone(), rc);
-                }
-                Err(e) => return vec![self.rds.nack(resp, &format!("resources[{i}]: {e}"))],
-            }
+        if let Err(e) = merge_into(resp, &mut candidate.routes, |r: &RouteConfiguration| {
+            r.name.clone()
+        }) {
+            return vec![self.rds.nack(resp, &e)];
         }
         self.apply_candidate(candidate, resp, Kind::Rds)
     }
 
     fn on_secrets(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
         let mut candidate = self.dynamic.clone();
-        for (i, any) in resp.resources.iter().enumerate() {
-            match crate::tls::Secret::decode(any.value.as_slice()) {
-                Ok(secret) => {
-                    candidate.secrets.insert(secret.name.clone(), secret);
-                }
-                Err(e) => return vec![self.sds.nack(resp, &format!("resources[{i}]: {e}"))],
-            }
+        if let Err(e) = merge_into(resp, &mut candidate.secrets, |s: &crate::tls::Secret| {
+            s.name.clone()
+        }) {
+            return vec![self.sds.nack(resp, &e)];
         }
         self.apply_candidate(candidate, resp, Kind::Sds)
     }
@@ -272,13 +266,12 @@ impl Client {
 
     fn on_endpoints(&mut self, resp: &DiscoveryResponse) -> Vec<DiscoveryRequest> {
         let mut candidate = self.dynamic.clone();
-        for (i, any) in resp.resources.iter().enumerate() {
-            match ClusterLoadAssignment::decode(any.value.as_slice()) {
-                Ok(cla) => {
-                    candidate.endpoints.insert(cla.cluster_name.clone(), cla);
-                }
-                Err(e) => return vec![self.eds.nack(resp, &format!("resources[{i}]: {e}"))],
-            }
+        if let Err(e) = merge_into(
+            resp,
+            &mut candidate.endpoints,
+            |c: &ClusterLoadAssignment| c.cluster_name.clone(),
+        ) {
+            return vec![self.eds.nack(resp, &e)];
         }
         self.apply_candidate(candidate, resp, Kind::Eds)
     }
@@ -413,6 +406,20 @@ async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Res
 
 /// Decodes a state-of-the-world response's resources by name: each must decode, have a
 /// name, and appear once; the error names the resource index for the NACK.
+/// Decodes each resource of a response into `map` by its name (EDS, RDS and SDS responses
+/// carry the resources asked for, which replace the previous versions one by one).
+fn merge_into<T: Message + Default>(
+    resp: &DiscoveryResponse,
+    map: &mut std::collections::HashMap<String, T>,
+    name_of: impl Fn(&T) -> String,
+) -> Result<(), String> {
+    for (i, any) in resp.resources.iter().enumerate() {
+        let r = T::decode(any.value.as_slice()).map_err(|e| format!("resources[{i}]: {e}"))?;
+        map.insert(name_of(&r), r);
+    }
+    Ok(())
+}
+
 fn decode_named<T: Message + Default>(
     resp: &DiscoveryResponse,
     kind: &str,
