@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::error::{index, join, Errors};
-use crate::config::load::unpack_any;
+use crate::config::load::{unpack_any, unpack_or_report};
 use crate::reject_set;
 use crate::route::matcher::HeaderMatcher;
 use crate::route::request::RequestView;
@@ -182,13 +182,7 @@ fn typed_struct(any: &PbAny, at: &str, errs: &mut Errors) -> Option<(String, ser
     if outer != TYPED_STRUCT && outer != UDPA_TYPED_STRUCT {
         return None;
     }
-    let ts = match unpack_any::<TypedStruct>(any, outer, at) {
-        Ok(t) => t,
-        Err(e) => {
-            errs.extend(e);
-            return None;
-        }
-    };
+    let ts: TypedStruct = unpack_or_report(any, outer, at, errs)?;
     let inner = ts
         .type_url
         .rsplit('/')
@@ -233,13 +227,8 @@ fn builtin_local_ratelimit(
     errs: &mut Errors,
 ) -> Option<crate::filters::local_ratelimit::LocalRateLimit> {
     use crate::filters::local_ratelimit::{LocalRateLimit, TYPE};
-    match unpack_any(any, TYPE, at) {
-        Ok(p) => LocalRateLimit::convert(&p, at, errs),
-        Err(e) => {
-            errs.extend(e);
-            None
-        }
-    }
+    let p = unpack_or_report(any, TYPE, at, errs)?;
+    LocalRateLimit::convert(&p, at, errs)
 }
 
 /// Parsed `typed_per_filter_config` entries: (filter name, settings).
@@ -274,26 +263,16 @@ pub fn per_route_config(
     }
     if type_name == crate::filters::cors::POLICY_TYPE {
         use crate::filters::cors::{CorsPolicy, POLICY_TYPE};
-        return match unpack_any(any, POLICY_TYPE, at) {
-            Ok(p) => Some((
-                name.to_string(),
-                Arc::new(CorsPolicy::convert(&p, at, errs)),
-            )),
-            Err(e) => {
-                errs.extend(e);
-                None
-            }
-        };
+        let p = unpack_or_report(any, POLICY_TYPE, at, errs)?;
+        return Some((
+            name.to_string(),
+            Arc::new(CorsPolicy::convert(&p, at, errs)),
+        ));
     }
     if type_name == crate::filters::header_mutation::PER_ROUTE_TYPE {
         use crate::filters::header_mutation::{per_route, PER_ROUTE_TYPE};
-        return match unpack_any(any, PER_ROUTE_TYPE, at) {
-            Ok(p) => Some((name.to_string(), Arc::new(per_route(&p, at, errs)))),
-            Err(e) => {
-                errs.extend(e);
-                None
-            }
-        };
+        let p = unpack_or_report(any, PER_ROUTE_TYPE, at, errs)?;
+        return Some((name.to_string(), Arc::new(per_route(&p, at, errs))));
     }
     let Some((config_type, value)) = typed_struct(any, at, errs) else {
         errs.add(
@@ -424,16 +403,15 @@ impl FilterChain {
                 if *disabled {
                     errs.add(join(&at, "disabled"), "not supported");
                 }
-                match unpack_any(a, TYPE, &at) {
-                    Ok(p) => chain.filters.push(NamedFilter {
+                if let Some(p) = unpack_or_report(a, TYPE, &at, errs) {
+                    chain.filters.push(NamedFilter {
                         name: name.clone(),
                         filter: Box::new(HeaderMutation::convert(
                             &p,
                             &join(&at, "typed_config"),
                             errs,
                         )),
-                    }),
-                    Err(e) => errs.extend(e),
+                    });
                 }
                 continue;
             }

@@ -17,7 +17,7 @@ use crate::cluster::socket_address;
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
 use crate::config::http_options::ConnectionLimits;
-use crate::config::load::unpack_any;
+use crate::config::load::{unpack_any, unpack_or_report};
 use crate::filter::FilterChain as HttpFilterChain;
 use crate::reject_set;
 use crate::route::RouteTable;
@@ -690,13 +690,7 @@ fn connection_limit_filter(f: &Filter, at: &str, errs: &mut Errors) -> Option<(S
         );
         return None;
     }
-    let p: Proto = match unpack_any(any, CONNECTION_LIMIT_TYPE, at) {
-        Ok(p) => p,
-        Err(e) => {
-            errs.extend(e);
-            return None;
-        }
-    };
+    let p: Proto = unpack_or_report(any, CONNECTION_LIMIT_TYPE, at, errs)?;
     let at = join(at, "typed_config");
     let Proto {
         stat_prefix,

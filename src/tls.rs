@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::error::{index, join, Errors};
-use crate::config::load::unpack_any;
+use crate::config::load::unpack_or_report;
 use crate::reject_set;
 use crate::route::entry::read_data_source;
 
@@ -43,13 +43,7 @@ impl ServerTls {
         rds: &mut crate::listener::Rds<'_>,
         errs: &mut Errors,
     ) -> Option<Self> {
-        let ctx: DownstreamTlsContext = match unpack_any(any, DOWNSTREAM_TLS_TYPE, at) {
-            Ok(c) => c,
-            Err(e) => {
-                errs.extend(e);
-                return None;
-            }
-        };
+        let ctx: DownstreamTlsContext = unpack_or_report(any, DOWNSTREAM_TLS_TYPE, at, errs)?;
         let at = join(at, "typed_config");
         let DownstreamTlsContext {
             common_tls_context,
@@ -517,13 +511,7 @@ pub struct UpstreamTls {
 impl UpstreamTls {
     pub fn convert(any: &Any, at: &str, errs: &mut Errors) -> Option<Self> {
         use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
-        let ctx: UpstreamTlsContext = match unpack_any(any, UPSTREAM_TLS_TYPE, at) {
-            Ok(c) => c,
-            Err(e) => {
-                errs.extend(e);
-                return None;
-            }
-        };
+        let ctx: UpstreamTlsContext = unpack_or_report(any, UPSTREAM_TLS_TYPE, at, errs)?;
         let at = join(at, "typed_config");
         let UpstreamTlsContext {
             common_tls_context,

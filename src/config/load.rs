@@ -107,6 +107,22 @@ pub fn unpack_any<M: Message + Default>(
     })
 }
 
+/// [`unpack_any`], with its error added to `errs`: None when the message did not unpack.
+pub fn unpack_or_report<M: Message + Default>(
+    any: &envoy_types::pb::google::protobuf::Any,
+    expected: &str,
+    at: &str,
+    errs: &mut super::error::Errors,
+) -> Option<M> {
+    match unpack_any(any, expected, at) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            errs.extend(e);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
