@@ -12,6 +12,7 @@
 //! request's digest, for HTTP/1 and HTTP/2 alike, and its `user_data` slot is free on
 //! downstream connections (Pingora fills it only for upstream CONNECT proxies).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,16 +43,149 @@ pub struct ConnectionInfo {
     pub accepted: std::time::Instant,
     /// Requests seen so far (for `max_requests_per_connection`).
     pub requests: std::sync::atomic::AtomicU32,
+    /// Set when the connection manager has header or request timeouts.
+    pub clock: Option<Arc<RequestClock>>,
 }
 
 impl ConnectionInfo {
-    pub fn new(chain: usize, tls: Option<TlsInfo>) -> Self {
+    pub fn new(
+        chain: usize,
+        tls: Option<TlsInfo>,
+        hcm: &crate::listener::HttpConnectionManager,
+    ) -> Self {
         ConnectionInfo {
             chain,
             tls,
             accepted: std::time::Instant::now(),
             requests: std::sync::atomic::AtomicU32::new(0),
+            clock: RequestClock::for_hcm(hcm).map(Arc::new),
         }
+    }
+}
+
+/// Envoy's `request_headers_timeout` and `request_timeout` on an HTTP/1 connection.
+///
+/// Envoy starts both timers when a request's first byte arrives; the headers timer stops
+/// when the headers are complete, the request timer when the whole request has been read or
+/// the response has started. Pingora reads request headers inside its own loop and offers
+/// only a per-read timeout, so the clock runs in the connection's read path: the first
+/// bytes read while idle start it, and the request hooks move it along. A read still
+/// waiting at a deadline fails with `TimedOut`, which ends the request with Envoy's 408.
+///
+/// On HTTP/2 connections the clock is off: streams share the connection.
+#[derive(Debug)]
+pub struct RequestClock {
+    headers: Option<Duration>,
+    request: Option<Duration>,
+    /// For the reply the connection writes itself.
+    server: String,
+    phase: std::sync::atomic::AtomicU8,
+    /// Which timer fired, in which phase (`FIRED_*`); 0 while none has.
+    fired: std::sync::atomic::AtomicU8,
+}
+
+const FIRED_HEADERS: u8 = 1;
+const FIRED_REQUEST_IN_HEADERS: u8 = 2;
+const FIRED_REQUEST_IN_BODY: u8 = 3;
+
+/// Which timer ended a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    Headers,
+    Request,
+}
+
+impl RequestClock {
+    /// Between requests: the next bytes read start the clock.
+    const IDLE: u8 = 0;
+    const HEADERS: u8 = 1;
+    /// Headers done; only the request timer runs.
+    const BODY: u8 = 2;
+    /// Request read or response started: no timer until the next request.
+    const DONE: u8 = 3;
+    /// An HTTP/2 connection.
+    const OFF: u8 = 4;
+
+    fn for_hcm(hcm: &crate::listener::HttpConnectionManager) -> Option<Self> {
+        if hcm.request_headers_timeout.is_none() && hcm.request_timeout.is_none() {
+            return None;
+        }
+        Some(RequestClock {
+            headers: hcm.request_headers_timeout,
+            request: hcm.request_timeout,
+            server: hcm.server_name.clone(),
+            phase: Self::IDLE.into(),
+            fired: 0.into(),
+        })
+    }
+
+    fn set(&self, phase: u8) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // An HTTP/2 connection stays off whatever its streams' hooks do.
+        let _ = self
+            .phase
+            .fetch_update(Relaxed, Relaxed, |p| (p != Self::OFF).then_some(phase));
+    }
+
+    /// The request's headers are parsed.
+    pub fn headers_done(&self) {
+        self.set(Self::BODY);
+    }
+
+    /// The request is read in full, or the response has started.
+    pub fn request_done(&self) {
+        self.set(Self::DONE);
+    }
+
+    /// The request has ended; the next bytes belong to the next request.
+    pub fn next_request(&self) {
+        self.set(Self::IDLE);
+    }
+
+    /// The timer that ended the current request, if one did.
+    pub fn expired(&self) -> Option<Expired> {
+        match self.fired.load(std::sync::atomic::Ordering::Relaxed) {
+            FIRED_HEADERS => Some(Expired::Headers),
+            FIRED_REQUEST_IN_HEADERS | FIRED_REQUEST_IN_BODY => Some(Expired::Request),
+            _ => None,
+        }
+    }
+
+    /// When a timer stops the read of the current request, and which.
+    fn deadline(&self, started: tokio::time::Instant) -> Option<(tokio::time::Instant, u8)> {
+        let at = |d: Option<Duration>| d.map(|d| started + d);
+        match self.phase.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::HEADERS => match (at(self.headers), at(self.request)) {
+                (Some(h), Some(r)) if r < h => Some((r, FIRED_REQUEST_IN_HEADERS)),
+                (Some(h), _) => Some((h, FIRED_HEADERS)),
+                (None, Some(r)) => Some((r, FIRED_REQUEST_IN_HEADERS)),
+                (None, None) => None,
+            },
+            Self::BODY => at(self.request).map(|r| (r, FIRED_REQUEST_IN_BODY)),
+            _ => None,
+        }
+    }
+
+    /// Envoy's local reply for a request whose headers never completed, written by the
+    /// connection itself because Pingora has no request to answer yet. (A request timed
+    /// out in its body is answered by the proxy's failure hook.)
+    fn header_phase_reply(&self) -> Option<Vec<u8>> {
+        let body = match self.fired.load(std::sync::atomic::Ordering::Relaxed) {
+            FIRED_HEADERS => "request header timeout",
+            FIRED_REQUEST_IN_HEADERS => "request timeout",
+            _ => return None,
+        };
+        let server = &self.server;
+        let date = pingora::protocols::http::date::get_cached_date();
+        Some(
+            format!(
+                "HTTP/1.1 408 Request Timeout\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\
+                 date: {}\r\nserver: {server}\r\nconnection: close\r\n\r\n{body}",
+                body.len(),
+                date.to_str().unwrap_or_default(),
+            )
+            .into_bytes(),
+        )
     }
 }
 
@@ -106,6 +240,13 @@ pub struct Downstream<T: Transport> {
     peek_h2c: bool,
     info: Option<Arc<ProxyDigest>>,
     ssl: Option<Arc<SslDigest>>,
+    clock: Option<Arc<RequestClock>>,
+    /// Allocated at the first wait that has a deadline, then reset per request.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the current request's first byte arrived.
+    started: tokio::time::Instant,
+    /// The 408 being written at shutdown, and how much of it went out.
+    timeout_reply: Option<(Vec<u8>, usize)>,
 }
 
 impl<T: Transport> Downstream<T> {
@@ -114,6 +255,13 @@ impl<T: Transport> Downstream<T> {
             .as_ref()
             .and_then(|i| i.tls.as_ref())
             .map(|t| Arc::new(SslDigest::new(t.cipher, t.version, None, None, Vec::new())));
+        let clock = info.as_ref().and_then(|i| i.clock.clone());
+        if let Some(c) = &clock {
+            if matches!(stream.alpn(), Some(ALPN::H2)) {
+                c.phase
+                    .store(RequestClock::OFF, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let info = info.and_then(|i| {
             // The response header is required by the type and never read.
             let unused = pingora::http::ResponseHeader::build(200, Some(0)).ok()?;
@@ -127,6 +275,10 @@ impl<T: Transport> Downstream<T> {
             peek_h2c: h2c,
             info,
             ssl,
+            clock,
+            timer: None,
+            started: tokio::time::Instant::now(),
+            timeout_reply: None,
         }
     }
 }
@@ -142,6 +294,11 @@ pub fn connection_info(session: &pingora::proxy::Session) -> Option<&ConnectionI
         .downcast_ref::<ConnectionInfo>()
 }
 
+/// The connection's header/request timers, where the connection manager sets any.
+pub fn request_clock(session: &pingora::proxy::Session) -> Option<&RequestClock> {
+    connection_info(session)?.clock.as_deref()
+}
+
 /// The filter chain the connection was matched to (0 when there was nothing to choose).
 pub fn connection_chain(session: &pingora::proxy::Session) -> usize {
     connection_info(session).map_or(0, |i| i.chain)
@@ -153,7 +310,44 @@ impl<T: Transport> AsyncRead for Downstream<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let Some(clock) = &this.clock else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let idle =
+                    clock.phase.load(std::sync::atomic::Ordering::Relaxed) == RequestClock::IDLE;
+                if idle && buf.filled().len() > before {
+                    clock.set(RequestClock::HEADERS);
+                    this.started = tokio::time::Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let Some((at, fired)) = clock.deadline(this.started) else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                clock
+                    .fired
+                    .store(fired, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request timeout",
+                )))
+            }
+            failed => failed,
+        }
     }
 }
 
@@ -183,7 +377,20 @@ impl<T: Transport> AsyncWrite for Downstream<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        // Pingora closes a connection whose request headers could not be read without
+        // answering; a timed-out request gets Envoy's 408 first.
+        let this = &mut *self;
+        if let Some(clock) = this.clock.take() {
+            this.timeout_reply = clock.header_phase_reply().map(|r| (r, 0));
+        }
+        while let Some((reply, sent)) = &mut this.timeout_reply {
+            match Pin::new(&mut this.io).poll_write(cx, &reply[*sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 && *sent + n < reply.len() => *sent += n,
+                Poll::Ready(_) => this.timeout_reply = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -192,7 +399,7 @@ impl<T: Transport> Shutdown for Downstream<T> {
     async fn shutdown(&mut self) {
         // Flushes what is buffered (it belongs to the client), sends TLS close_notify on
         // TLS connections, then shuts the socket's write side.
-        let _ = AsyncWriteExt::shutdown(&mut self.io).await;
+        let _ = AsyncWriteExt::shutdown(self).await;
     }
 }
 
@@ -237,6 +444,12 @@ impl<T: Transport> Peek for Downstream<T> {
             }
         }
         l4.rewind(&buf[..filled]);
+        if buf[..filled] == PREFACE[..] {
+            if let Some(c) = &self.clock {
+                c.phase
+                    .store(RequestClock::OFF, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         // Leftover bytes of `buf` must not complete a preface by accident.
         buf[filled..].fill(0);
         Ok(true)

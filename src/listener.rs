@@ -95,6 +95,8 @@ pub struct HttpConnectionManager {
     /// None: disabled.
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
+    /// None: disabled (Envoy's default).
+    pub request_headers_timeout: Option<Duration>,
     pub strip_port: StripPort,
     /// `internal_address_config.cidr_ranges`; empty means no address is internal
     /// (Envoy's default since 1.33).
@@ -830,7 +832,6 @@ fn convert_hcm(
         scheme_header_transformation,
         stream_idle_timeout,
         stream_flush_timeout,
-        request_headers_timeout,
         drain_timeout,
         drain_timeout_jitter,
         delayed_close_timeout,
@@ -916,6 +917,11 @@ fn convert_hcm(
         errs.add(join(at, "max_request_headers_kb"), "must be in [1, 8192]");
     }
     duration::check(request_timeout, &join(at, "request_timeout"), errs);
+    duration::check(
+        request_headers_timeout,
+        &join(at, "request_headers_timeout"),
+        errs,
+    );
     let strip_port = match (strip_matching_host_port, strip_port_mode) {
         (true, Some(_)) => {
             errs.add(
@@ -1019,6 +1025,7 @@ fn convert_hcm(
         always_set_request_id_in_response: *always_set_request_id_in_response,
         idle_timeout,
         request_timeout: duration::optional_timeout(request_timeout, None),
+        request_headers_timeout: duration::optional_timeout(request_headers_timeout, None),
         strip_port,
         internal_addresses: convert_internal_addresses(internal_address_config, at, errs),
         stats: crate::stats::http(stat_prefix),

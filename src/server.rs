@@ -397,10 +397,12 @@ async fn serve_connection(
         },
         Some(l) => {
             // Connection limits need per-connection state; other connections carry none.
-            let limits = l.hcm().limits;
-            let info = (limits.max_requests_per_connection.is_some()
-                || limits.max_connection_duration.is_some())
-            .then(|| ConnectionInfo::new(0, None));
+            let hcm = l.hcm();
+            let info = (hcm.limits.max_requests_per_connection.is_some()
+                || hcm.limits.max_connection_duration.is_some()
+                || hcm.request_timeout.is_some()
+                || hcm.request_headers_timeout.is_some())
+            .then(|| ConnectionInfo::new(0, None, hcm));
             (Box::new(Downstream::new(l4, info, l.hcm().h2c)), 0)
         }
         None => (Box::new(Downstream::new(l4, None, false)), 0),
@@ -468,7 +470,7 @@ async fn accept_inspected(
             return None;
         }
         let h2c = listener.chains[chain].hcm.h2c;
-        let info = ConnectionInfo::new(chain, None);
+        let info = ConnectionInfo::new(chain, None, &listener.chains[chain].hcm);
         return Some((Box::new(Downstream::new(l4, Some(info), h2c)), chain));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
@@ -522,6 +524,7 @@ async fn accept_inspected(
             version,
             cipher,
         }),
+        &c.hcm,
     );
     Some((Box::new(Downstream::new(stream, Some(info), false)), chain))
 }

@@ -312,10 +312,11 @@ fn upstream_connections_are_reused() {
     assert_eq!(e.a.count(), 10);
     // Sequential requests share pooled connections: about one per worker thread. Pingora
     // hands a released connection over through an idle-watch task, and a worker that finds
-    // it busy at that moment opens another ("failed to acquire reusable stream"), so a
-    // third connection happens now and then; ten would mean no pooling at all.
+    // it busy at that moment opens another ("failed to acquire reusable stream"), so extra
+    // connections happen now and then on a loaded machine (5 seen once with every test of
+    // this file running at once); ten would mean no pooling at all.
     assert!(
-        ports.len() <= 4,
+        ports.len() <= 6,
         "{} upstream connections for 10 requests",
         ports.len()
     );

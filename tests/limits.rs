@@ -104,3 +104,109 @@ fn connection_limit_closes_connections_over_the_limit() {
     });
     assert_eq!(b.get("/", "x").unwrap().status, 200);
 }
+
+/// Sends `parts` with a pause before each, then reads until the server closes. Send errors
+/// after a reply are expected (the server closed), so they end the sending quietly.
+fn trickle(port: u16, parts: &[(u64, &str)]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    for (pause, data) in parts {
+        std::thread::sleep(Duration::from_millis(*pause));
+        if s.write_all(data.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Status lines and bodies of what a client saw, without headers that differ by server.
+fn outcome(raw: &str) -> Vec<(u16, String)> {
+    raw.split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| {
+            let status = r.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            (status, body.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn slow_clients_get_408_like_envoy() {
+    let up = Upstream::start("up");
+    let hcm = "request_headers_timeout: 1s\nrequest_timeout: 3s";
+    let port = free_port();
+    let _l = Legate::start(&config(port, up.port(), hcm), port);
+    let envoy_port = free_port();
+    let _e = Envoy::start(&config(envoy_port, up.port(), hcm), envoy_port);
+    let get = "GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let get_close = "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let post = "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\n";
+    let header_timeout = (408, "request header timeout".to_string());
+    let request_timeout = (408, "request timeout".to_string());
+    // (what, pauses and bytes sent, statuses and bodies seen)
+    type Case<'a> = (&'a str, Vec<(u64, &'a str)>, Vec<(u16, String)>);
+    let cases: Vec<Case> = vec![
+        (
+            "headers trickle past request_headers_timeout",
+            vec![
+                (0, "GET / HTTP/1.1\r\n"),
+                (600, "host: x\r\n"),
+                (600, "a: b\r\n"),
+                (600, "\r\n"),
+            ],
+            vec![header_timeout.clone()],
+        ),
+        (
+            // Neither timer runs before a request's first byte.
+            "idle connection, then a request",
+            vec![(1500, get_close)],
+            vec![(200, "up\n".to_string())],
+        ),
+        (
+            "body trickles past request_timeout",
+            vec![
+                (0, post),
+                (900, "aaa"),
+                (900, "aaa"),
+                (900, "aaa"),
+                (900, "a"),
+            ],
+            vec![request_timeout.clone()],
+        ),
+        (
+            "body within request_timeout",
+            vec![(0, post), (500, "aaaaa"), (500, "aaaaa")],
+            vec![(200, "up\n".to_string())],
+        ),
+        (
+            // The clock restarts per request: idle past the headers timeout between two
+            // requests is fine, a trickled second request is not.
+            "second request on a kept-alive connection",
+            vec![
+                (0, get),
+                (1500, "GET / HTTP/1.1\r\n"),
+                (700, "host: x\r\n"),
+                (700, "\r\n"),
+            ],
+            vec![(200, "up\n".to_string()), header_timeout],
+        ),
+    ];
+    std::thread::scope(|s| {
+        let runs: Vec<_> = cases
+            .iter()
+            .flat_map(|(name, parts, want)| {
+                [port, envoy_port]
+                    .map(|p| (p, *name, want, s.spawn(move || outcome(&trickle(p, parts)))))
+            })
+            .collect();
+        for (p, name, want, run) in runs {
+            let got = run.join().unwrap();
+            let who = if p == port { "legate" } else { "envoy" };
+            assert_eq!(&got, want, "{who}: {name}");
+        }
+    });
+}

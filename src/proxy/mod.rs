@@ -134,6 +134,9 @@ impl ProxyHttp for LegateProxy {
             return Ok(true);
         };
         ctx.chain = crate::io::connection_chain(session);
+        if let Some(clock) = crate::io::request_clock(session) {
+            clock.headers_done();
+        }
         ctx.protocol = if session.is_http2() {
             "HTTP/2"
         } else {
@@ -165,8 +168,9 @@ impl ProxyHttp for LegateProxy {
             send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
             return Ok(true);
         }
-        if let Some(t) = hcm.request_timeout {
-            // Bounds each wait for more of the request body (Envoy bounds the whole request).
+        if let (Some(t), true) = (hcm.request_timeout, session.is_http2()) {
+            // HTTP/1 connections run Envoy's whole-request clock (crate::io::RequestClock);
+            // on HTTP/2 each wait for more of the body is bounded instead.
             session.as_downstream_mut().set_read_timeout(Some(t));
         }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
@@ -256,11 +260,16 @@ impl ProxyHttp for LegateProxy {
     /// Filters' request body hook, chunk by chunk as the body streams upstream.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if end_of_stream {
+            if let Some(clock) = crate::io::request_clock(session) {
+                clock.request_done();
+            }
+        }
         if let Some(hcm) = ctx.hcm() {
             for (i, f) in hcm.filters.filters.iter().enumerate() {
                 f.filter
@@ -461,11 +470,14 @@ impl ProxyHttp for LegateProxy {
     /// the response belongs to the client and nothing is retried.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.attempts.response_started = true;
+        if let Some(clock) = crate::io::request_clock(session) {
+            clock.request_done();
+        }
         let Some(hcm) = ctx.hcm() else { return Ok(()) };
         upstream::strip_hop_by_hop_response(upstream_response);
         if !hcm.filters.router.suppress_envoy_headers {
@@ -541,7 +553,13 @@ impl ProxyHttp for LegateProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let reply = error_reply(e, &ctx.attempts);
+        let timed_out = crate::io::request_clock(session)
+            .is_some_and(|c| c.expired() == Some(crate::io::Expired::Request));
+        let reply = if timed_out {
+            Some(LocalReply::new(408, "request timeout"))
+        } else {
+            error_reply(e, &ctx.attempts)
+        };
         let code = reply.as_ref().map_or(0, |r| r.status);
         ctx.flags = response_flag(e, code);
         if code == 504 {
@@ -582,6 +600,14 @@ impl ProxyHttp for LegateProxy {
 
     /// Releases the host's active-request count.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if let Some(clock) = crate::io::request_clock(session) {
+            clock.next_request();
+            // The clock cannot tell a drained body's bytes from the next request's; Envoy
+            // closes an HTTP/1 connection whose request was not read in full anyway.
+            if !session.is_http2() && !session.as_downstream_mut().is_body_done() {
+                session.set_keepalive(None);
+            }
+        }
         if let (Some(hcm), Some(started)) = (ctx.hcm(), ctx.started) {
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
             if status > 0 {
@@ -921,6 +947,9 @@ async fn send_local_reply(
     ctx: &RequestCtx,
     reply: LocalReply,
 ) -> Result<()> {
+    if let Some(clock) = crate::io::request_clock(session) {
+        clock.request_done();
+    }
     let server = ctx.hcm().map_or("legate", |h| h.server_name.as_str());
     let head = session.req_header().method == http::Method::HEAD;
     let mut resp = reply.header(server, head)?;
