@@ -214,9 +214,9 @@ fn no_request_is_lost_when_an_endpoint_dies_under_load() {
     let b = Upstream::start("b");
     let c = Upstream::start("c");
     let port = free_port();
-    // host_selection_retry_max_attempts: with one pick per retry (the default), four clients
-    // advancing the shared round robin can land a request's retries on the dead endpoint
-    // again before health checking removes it (seen once in ~20,000 requests).
+    // host_selection_retry_max_attempts: with few reselections, four clients advancing the
+    // shared round robin can land a request's retries on the dead endpoint again before
+    // health checking removes it (seen once in ~20,000 requests with a single pick).
     let route = "retry_policy: {retry_on: '5xx,reset,connect-failure', num_retries: 3, host_selection_retry_max_attempts: 3, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}";
     // Envoy's default allows 3 retries in flight per cluster; 4 clients may need 4.
     let cluster_extra = format!("{HC}\ncircuit_breakers: {{thresholds: [{{max_retries: 16}}]}}");
