@@ -149,7 +149,12 @@ pub fn mutate_request_headers(
     let request_id = match existing {
         Some(id) if !force || !hcm.generate_request_id => Some(id),
         _ if hcm.generate_request_id => {
-            let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok();
+            // A v4 UUID from the thread's userspace CSPRNG: `Uuid::new_v4` asks the kernel
+            // (one getrandom syscall per request).
+            let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id =
+                HeaderValue::from_bytes(uuid.hyphenated().encode_lower(&mut text).as_bytes()).ok();
             if let Some(id) = &id {
                 let _ = req.insert_header("x-request-id", id.clone());
             }
