@@ -124,6 +124,10 @@ impl ProxyHttp for LegateProxy {
         RequestCtx::default()
     }
 
+    /// None: Pingora's default adds a response-compression module that stays disabled
+    /// (legate has no compressor filter) yet is built and consulted on every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     /// Loads the snapshot, applies the HCM's header rules and filters, routes the request,
     /// and answers locally (direct response, redirect, 404, 503) when it does not forward.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
