@@ -210,3 +210,46 @@ fn slow_clients_get_408_like_envoy() {
         }
     });
 }
+
+/// The HTTP/1 request clock stays off on an HTTP/2 connection: its streams share the
+/// connection, so neither an idle spell between them nor a long stream is a slow request
+/// (on HTTP/2, `request_timeout` bounds each wait for more of a stream's body).
+#[test]
+fn request_timers_leave_http2_connections_alone() {
+    let up = Upstream::start("up");
+    let hcm = "request_headers_timeout: 1s\nrequest_timeout: 1s";
+    let port = free_port();
+    let _l = Legate::start(&config(port, up.port(), hcm), port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut h2 = h2.ready().await.unwrap();
+        let get = http::Request::get(format!("http://127.0.0.1:{port}/"))
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(get, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A body sent over 2 s, each part well within the timeout.
+        let mut h2 = h2.ready().await.unwrap();
+        let post = http::Request::post(format!("http://127.0.0.1:{port}/"))
+            .body(())
+            .unwrap();
+        let (resp, mut body) = h2.send_request(post, false).unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            body.send_data(bytes::Bytes::from_static(b"part"), false)
+                .unwrap();
+        }
+        body.send_data(bytes::Bytes::new(), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("a response")
+            .expect("the connection is still open");
+        assert_eq!(resp.status(), 200);
+    });
+}
