@@ -1001,6 +1001,18 @@ fn convert_hcm(
         }
     };
     let filters = HttpFilterChain::convert(http_filters, &join(at, "http_filters"), errs);
+    let request_timeout = duration::optional_timeout(request_timeout, None);
+    let request_headers_timeout = duration::optional_timeout(request_headers_timeout, None);
+    if (request_timeout.is_some() || request_headers_timeout.is_some())
+        && *codec_type == CodecType::Auto as i32
+    {
+        // Accepted because HTTP/1 is what slow clients use, but said out loud: Pingora's
+        // HTTP/2 server has no read timeouts for legate to drive.
+        log::warn!(
+            "{at}: request_timeout and request_headers_timeout bound HTTP/1 requests only; \
+             HTTP/2 streams on this listener are bounded by the route timeout instead"
+        );
+    }
     Some(HttpConnectionManager {
         upgrades,
         max_request_headers_bytes: max_request_headers_kb as usize * 1024,
@@ -1024,8 +1036,8 @@ fn convert_hcm(
         preserve_external_request_id: *preserve_external_request_id,
         always_set_request_id_in_response: *always_set_request_id_in_response,
         idle_timeout,
-        request_timeout: duration::optional_timeout(request_timeout, None),
-        request_headers_timeout: duration::optional_timeout(request_headers_timeout, None),
+        request_timeout,
+        request_headers_timeout,
         strip_port,
         internal_addresses: convert_internal_addresses(internal_address_config, at, errs),
         stats: crate::stats::http(stat_prefix),

@@ -172,11 +172,6 @@ impl ProxyHttp for LegateProxy {
             send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
             return Ok(true);
         }
-        if let (Some(t), true) = (hcm.request_timeout, session.is_http2()) {
-            // HTTP/1 connections run Envoy's whole-request clock (crate::io::RequestClock);
-            // on HTTP/2 each wait for more of the body is bounded instead.
-            session.as_downstream_mut().set_read_timeout(Some(t));
-        }
         ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx.local = local;
         let scheme = match crate::io::connection_info(session).and_then(|i| i.tls.as_ref()) {
