@@ -45,6 +45,10 @@ pub struct ConnectionInfo {
     pub requests: std::sync::atomic::AtomicU32,
     /// Set when the connection manager has header or request timeouts.
     pub clock: Option<Arc<RequestClock>>,
+    /// Tells Pingora to drain the connection (HTTP/2: GOAWAY, then close when the streams
+    /// in flight end). Set where the connection manager limits connections by age or by
+    /// requests, which HTTP/1's keep-alive switch cannot do for HTTP/2.
+    pub drain: Option<Arc<tokio::sync::watch::Sender<bool>>>,
 }
 
 impl ConnectionInfo {
@@ -52,14 +56,26 @@ impl ConnectionInfo {
         chain: usize,
         tls: Option<TlsInfo>,
         hcm: &crate::listener::HttpConnectionManager,
+        drain: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     ) -> Self {
+        let limited = hcm.limits.max_connection_duration.is_some()
+            || hcm.limits.max_requests_per_connection.is_some();
         ConnectionInfo {
             chain,
             tls,
             accepted: std::time::Instant::now(),
             requests: std::sync::atomic::AtomicU32::new(0),
             clock: RequestClock::for_hcm(hcm).map(Arc::new),
+            drain: drain.filter(|_| limited),
         }
+    }
+
+    /// Whether the connection manager needs per-connection state.
+    pub fn needed(hcm: &crate::listener::HttpConnectionManager) -> bool {
+        hcm.limits.max_requests_per_connection.is_some()
+            || hcm.limits.max_connection_duration.is_some()
+            || hcm.request_timeout.is_some()
+            || hcm.request_headers_timeout.is_some()
     }
 }
 

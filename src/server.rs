@@ -386,6 +386,32 @@ async fn timer_anchor() {
     }
 }
 
+/// The shutdown signal one connection's Pingora session watches: the process's, or the
+/// connection reaching `max_age`, or a request hook draining it (`ConnectionInfo::drain`).
+fn connection_shutdown(
+    drain: Arc<watch::Sender<bool>>,
+    mut global: watch::Receiver<bool>,
+    max_age: Option<Duration>,
+) -> watch::Receiver<bool> {
+    let signal = drain.subscribe();
+    tokio::spawn(async move {
+        let aged = async {
+            match max_age {
+                Some(age) => tokio::time::sleep(age).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = global.wait_for(|down| *down) => {}
+            _ = aged => {}
+            // The connection is gone (its receiver dropped) or a hook drained it.
+            _ = drain.closed() => return,
+        }
+        drain.send_replace(true);
+    });
+    signal
+}
+
 /// Serves one downstream connection through Pingora's proxy, request after request.
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
@@ -402,22 +428,36 @@ async fn serve_connection(
     let _ = digest.peer_addr.set(Some(peer.into()));
     l4.set_socket_digest(digest);
     let listener = local.and_then(|a| snapshot.listener_at(a));
+    // Age and request-count limits drain a connection through Pingora's shutdown signal,
+    // which is how it sends HTTP/2 GOAWAY; connections without them share the global one.
+    let drain = listener
+        .filter(|l| {
+            l.chains.iter().any(|c| {
+                c.hcm.limits.max_connection_duration.is_some()
+                    || c.hcm.limits.max_requests_per_connection.is_some()
+            })
+        })
+        .map(|_| Arc::new(watch::channel(false).0));
     let (stream, chain): (pingora::protocols::Stream, usize) = match listener {
-        Some(l) if l.inspect => match accept_inspected(l4, l).await {
+        Some(l) if l.inspect => match accept_inspected(l4, l, drain.clone()).await {
             Some(s) => s,
             None => return,
         },
         Some(l) => {
             // Connection limits need per-connection state; other connections carry none.
             let hcm = l.hcm();
-            let info = (hcm.limits.max_requests_per_connection.is_some()
-                || hcm.limits.max_connection_duration.is_some()
-                || hcm.request_timeout.is_some()
-                || hcm.request_headers_timeout.is_some())
-            .then(|| ConnectionInfo::new(0, None, hcm));
+            let info = ConnectionInfo::needed(hcm)
+                .then(|| ConnectionInfo::new(0, None, hcm, drain.clone()));
             (Box::new(Downstream::new(l4, info, l.hcm().h2c)), 0)
         }
         None => (Box::new(Downstream::new(l4, None, false)), 0),
+    };
+    let max_age = listener
+        .and_then(|l| l.chains.get(chain))
+        .and_then(|c| c.hcm.limits.max_connection_duration);
+    let shutdown = match drain {
+        Some(drain) => connection_shutdown(drain, shutdown, max_age),
+        None => shutdown,
     };
     // Envoy's connection_limit filter: over the limit, the connection is closed at once.
     let limit = listener
@@ -447,6 +487,7 @@ async fn serve_connection(
 async fn accept_inspected(
     mut l4: L4Stream,
     listener: &crate::listener::Listener,
+    drain: Option<Arc<watch::Sender<bool>>>,
 ) -> Option<(pingora::protocols::Stream, usize)> {
     use crate::io::TlsInfo;
     use crate::listener::Transport;
@@ -482,7 +523,7 @@ async fn accept_inspected(
             return None;
         }
         let h2c = listener.chains[chain].hcm.h2c;
-        let info = ConnectionInfo::new(chain, None, &listener.chains[chain].hcm);
+        let info = ConnectionInfo::new(chain, None, &listener.chains[chain].hcm, drain);
         return Some((Box::new(Downstream::new(l4, Some(info), h2c)), chain));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
@@ -537,6 +578,7 @@ async fn accept_inspected(
             cipher,
         }),
         &c.hcm,
+        drain,
     );
     Some((Box::new(Downstream::new(stream, Some(info), false)), chain))
 }

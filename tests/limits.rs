@@ -272,3 +272,43 @@ fn request_timers_leave_http2_connections_alone() {
         drop(body);
     });
 }
+
+/// On HTTP/2 the connection limits drain the connection with GOAWAY (Envoy's way), since
+/// there is no keep-alive to switch off: by age, and after the last allowed request.
+#[test]
+fn http2_connections_drain_at_their_limits() {
+    let up = Upstream::start("up");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for hcm in [
+        "common_http_protocol_options: {max_connection_duration: 1s}",
+        "common_http_protocol_options: {max_requests_per_connection: 2}",
+    ] {
+        let port = free_port();
+        let _l = Legate::start(&config(port, up.port(), hcm), port);
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let mut h2 = h2.ready().await.unwrap();
+            for i in 0..2 {
+                if i > 0 {
+                    h2 = h2.ready().await.unwrap();
+                }
+                let get = http::Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(())
+                    .unwrap();
+                let (resp, _) = h2.send_request(get, true).unwrap();
+                assert_eq!(resp.await.unwrap().status(), 200, "{hcm}");
+            }
+            // The gateway closes the connection: by age within the second, or at once
+            // after the second request.
+            tokio::time::timeout(Duration::from_secs(5), conn)
+                .await
+                .unwrap_or_else(|_| panic!("{hcm}: the connection stayed open"))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{hcm}: not a graceful close: {e}"));
+        });
+    }
+}

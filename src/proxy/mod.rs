@@ -730,6 +730,16 @@ fn apply_connection_limits(
         .limits
         .max_requests_per_connection
         .is_some_and(|max| n >= max);
+    if session.is_http2() {
+        // HTTP/2 has no keep-alive switch: the connection is drained (GOAWAY) and closes
+        // when its streams end, as Envoy does. Age is watched by the connection itself.
+        if last_by_count {
+            if let Some(drain) = &info.drain {
+                drain.send_replace(true);
+            }
+        }
+        return None;
+    }
     match hcm.limits.max_connection_duration {
         _ if last_by_count => session.set_keepalive(None),
         Some(max) if age >= max => session.set_keepalive(None),
