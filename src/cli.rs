@@ -73,6 +73,46 @@ fn tune_allocator() {
     }
 }
 
+fn install_logger(logger: env_logger::Logger) {
+    if log::set_boxed_logger(Box::new(ClientFailuresAtDebug(logger))).is_err() {
+        eprintln!("legate: a logger was already installed");
+    }
+}
+
+/// Pingora logs every request that fails on the client's side (a client gone mid-request,
+/// a slow client's 408) at ERROR; Envoy logs those at debug, and a front door sees them all
+/// day. Only those records are lowered; everything else passes unchanged.
+struct ClientFailuresAtDebug(env_logger::Logger);
+
+impl log::Log for ClientFailuresAtDebug {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if record.level() == log::Level::Error && record.target() == "pingora_proxy" {
+            let text = record.args().to_string();
+            if text.starts_with("Fail to proxy: Downstream") {
+                if log::max_level() >= log::LevelFilter::Debug {
+                    self.0.log(
+                        &log::Record::builder()
+                            .level(log::Level::Debug)
+                            .target(record.target())
+                            .args(format_args!("{text}"))
+                            .build(),
+                    );
+                }
+                return;
+            }
+        }
+        self.0.log(record);
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 /// Parses the command line and runs (or validates) the gateway.
 pub fn main() -> ExitCode {
     tune_allocator();
@@ -82,14 +122,18 @@ pub fn main() -> ExitCode {
         // The logger passes everything and log's max level gates it, so the admin's
         // `POST /logging?level=` can raise or lower it at runtime.
         Some(level) if std::env::var_os("RUST_LOG").is_none() => {
-            env_logger::Builder::new()
+            let logger = env_logger::Builder::new()
                 .filter_level(log::LevelFilter::Trace)
-                .init();
+                .build();
+            install_logger(logger);
             log::set_max_level(level);
         }
         _ => {
             let env = env_logger::Env::default().default_filter_or(args.log_level.as_str());
-            env_logger::Builder::from_env(env).init();
+            let logger = env_logger::Builder::from_env(env).build();
+            let max = logger.filter();
+            install_logger(logger);
+            log::set_max_level(max);
         }
     }
 
