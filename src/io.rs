@@ -49,6 +49,11 @@ pub struct ConnectionInfo {
     /// in flight end). Set where the connection manager limits connections by age or by
     /// requests, which HTTP/1's keep-alive switch cannot do for HTTP/2.
     pub drain: Option<Arc<tokio::sync::watch::Sender<bool>>>,
+    /// HTTP/2 streams in flight, and when the last one ended (ms after `accepted`), for
+    /// `idle_timeout` on HTTP/2 (HTTP/1 uses Pingora's keep-alive timeout).
+    pub http2: std::sync::atomic::AtomicBool,
+    pub streams: std::sync::atomic::AtomicU32,
+    pub idle_since_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ConnectionInfo {
@@ -59,7 +64,8 @@ impl ConnectionInfo {
         drain: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     ) -> Self {
         let limited = hcm.limits.max_connection_duration.is_some()
-            || hcm.limits.max_requests_per_connection.is_some();
+            || hcm.limits.max_requests_per_connection.is_some()
+            || (hcm.h2c || tls.is_some()) && hcm.idle_timeout.is_some();
         ConnectionInfo {
             chain,
             tls,
@@ -67,12 +73,20 @@ impl ConnectionInfo {
             requests: std::sync::atomic::AtomicU32::new(0),
             clock: RequestClock::for_hcm(hcm).map(Arc::new),
             drain: drain.filter(|_| limited),
+            http2: false.into(),
+            streams: 0.into(),
+            idle_since_ms: 0.into(),
         }
+    }
+
+    fn mark_http2(&self) {
+        self.http2.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the connection manager needs per-connection state.
     pub fn needed(hcm: &crate::listener::HttpConnectionManager) -> bool {
-        hcm.limits.max_requests_per_connection.is_some()
+        (hcm.h2c && hcm.idle_timeout.is_some())
+            || hcm.limits.max_requests_per_connection.is_some()
             || hcm.limits.max_connection_duration.is_some()
             || hcm.request_timeout.is_some()
             || hcm.request_headers_timeout.is_some()
@@ -272,10 +286,13 @@ impl<T: Transport> Downstream<T> {
             .and_then(|i| i.tls.as_ref())
             .map(|t| Arc::new(SslDigest::new(t.cipher, t.version, None, None, Vec::new())));
         let clock = info.as_ref().and_then(|i| i.clock.clone());
-        if let Some(c) = &clock {
-            if matches!(stream.alpn(), Some(ALPN::H2)) {
+        if matches!(stream.alpn(), Some(ALPN::H2)) {
+            if let Some(c) = &clock {
                 c.phase
                     .store(RequestClock::OFF, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(i) = &info {
+                i.mark_http2();
             }
         }
         let info = info.and_then(|i| {
@@ -297,6 +314,17 @@ impl<T: Transport> Downstream<T> {
             timeout_reply: None,
         }
     }
+}
+
+impl<T: Transport> Downstream<T> {
+    fn connection_info(&self) -> Option<&ConnectionInfo> {
+        self.info.as_ref()?.user_data.as_ref()?.downcast_ref()
+    }
+}
+
+/// The connection's info behind a stream's proxy digest.
+pub fn info_of(digest: &ProxyDigest) -> Option<&ConnectionInfo> {
+    digest.user_data.as_ref()?.downcast_ref()
 }
 
 /// The connection's info as recorded at accept (None on plain single-chain listeners).
@@ -464,6 +492,9 @@ impl<T: Transport> Peek for Downstream<T> {
             if let Some(c) = &self.clock {
                 c.phase
                     .store(RequestClock::OFF, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(i) = self.connection_info() {
+                i.mark_http2();
             }
         }
         // Leftover bytes of `buf` must not complete a preface by accident.

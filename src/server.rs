@@ -392,6 +392,7 @@ fn connection_shutdown(
     drain: Arc<watch::Sender<bool>>,
     mut global: watch::Receiver<bool>,
     max_age: Option<Duration>,
+    idle: Option<(Duration, Arc<pingora::protocols::raw_connect::ProxyDigest>)>,
 ) -> watch::Receiver<bool> {
     let signal = drain.subscribe();
     tokio::spawn(async move {
@@ -401,15 +402,50 @@ fn connection_shutdown(
                 None => std::future::pending().await,
             }
         };
+        let idled = async {
+            match &idle {
+                Some((timeout, digest)) => http2_idle(*timeout, digest).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = global.wait_for(|down| *down) => {}
             _ = aged => {}
+            _ = idled => {}
             // The connection is gone (its receiver dropped) or a hook drained it.
             _ = drain.closed() => return,
         }
         drain.send_replace(true);
     });
     signal
+}
+
+/// Resolves once an HTTP/2 connection has had no stream for `timeout` (Envoy's
+/// `idle_timeout`; checked at the end of each quiet period, so a connection busy at that
+/// moment is looked at again one period later). Never resolves on HTTP/1 connections.
+async fn http2_idle(timeout: Duration, digest: &pingora::protocols::raw_connect::ProxyDigest) {
+    let Some(info) = crate::io::info_of(digest) else {
+        return std::future::pending().await;
+    };
+    let mut since = info.idle_since_ms.load(Ordering::Relaxed);
+    let mut deadline = info.accepted + timeout;
+    loop {
+        tokio::time::sleep_until(deadline.into()).await;
+        if !info.http2.load(Ordering::Relaxed) {
+            // Decided before the first request; HTTP/1 keep-alive has its own timeout.
+            return std::future::pending().await;
+        }
+        let now = info.idle_since_ms.load(Ordering::Relaxed);
+        if info.streams.load(Ordering::Relaxed) == 0 && now == since {
+            return;
+        }
+        if info.streams.load(Ordering::Relaxed) == 0 {
+            deadline = info.accepted + Duration::from_millis(now) + timeout;
+        } else {
+            deadline = std::time::Instant::now() + timeout;
+        }
+        since = now;
+    }
 }
 
 /// Serves one downstream connection through Pingora's proxy, request after request.
@@ -435,6 +471,7 @@ async fn serve_connection(
             l.chains.iter().any(|c| {
                 c.hcm.limits.max_connection_duration.is_some()
                     || c.hcm.limits.max_requests_per_connection.is_some()
+                    || (c.hcm.h2c || c.tls.is_some()) && c.hcm.idle_timeout.is_some()
             })
         })
         .map(|_| Arc::new(watch::channel(false).0));
@@ -452,11 +489,15 @@ async fn serve_connection(
         }
         None => (Box::new(Downstream::new(l4, None, false)), 0),
     };
-    let max_age = listener
-        .and_then(|l| l.chains.get(chain))
-        .and_then(|c| c.hcm.limits.max_connection_duration);
+    let hcm = listener.and_then(|l| l.chains.get(chain)).map(|c| &c.hcm);
+    let max_age = hcm.and_then(|h| h.limits.max_connection_duration);
+    let idle =
+        hcm.and_then(|h| h.idle_timeout)
+            .zip(pingora::protocols::GetProxyDigest::get_proxy_digest(
+                &*stream,
+            ));
     let shutdown = match drain {
-        Some(drain) => connection_shutdown(drain, shutdown, max_age),
+        Some(drain) => connection_shutdown(drain, shutdown, max_age, idle),
         None => shutdown,
     };
     // Envoy's connection_limit filter: over the limit, the connection is closed at once.

@@ -274,7 +274,8 @@ fn request_timers_leave_http2_connections_alone() {
 }
 
 /// On HTTP/2 the connection limits drain the connection with GOAWAY (Envoy's way), since
-/// there is no keep-alive to switch off: by age, and after the last allowed request.
+/// there is no keep-alive to switch off: by age, after the last allowed request, and when
+/// no stream has been open for `idle_timeout`.
 #[test]
 fn http2_connections_drain_at_their_limits() {
     let up = Upstream::start("up");
@@ -282,6 +283,7 @@ fn http2_connections_drain_at_their_limits() {
     for hcm in [
         "common_http_protocol_options: {max_connection_duration: 1s}",
         "common_http_protocol_options: {max_requests_per_connection: 2}",
+        "common_http_protocol_options: {idle_timeout: 1s}",
     ] {
         let port = free_port();
         let _l = Legate::start(&config(port, up.port(), hcm), port);
@@ -302,8 +304,8 @@ fn http2_connections_drain_at_their_limits() {
                 let (resp, _) = h2.send_request(get, true).unwrap();
                 assert_eq!(resp.await.unwrap().status(), 200, "{hcm}");
             }
-            // The gateway closes the connection: by age within the second, or at once
-            // after the second request.
+            // The gateway closes the connection: by age within the second, at once after
+            // the second request, or a second or two after the streams ended.
             tokio::time::timeout(Duration::from_secs(5), conn)
                 .await
                 .unwrap_or_else(|_| panic!("{hcm}: the connection stayed open"))

@@ -60,6 +60,8 @@ impl LegateProxy {
 #[derive(Default)]
 pub struct RequestCtx {
     listener: Option<Arc<Listener>>,
+    /// Counted in the connection's HTTP/2 streams in flight (for its idle timeout).
+    counted_stream: bool,
     /// The listener's filter chain this connection was matched to.
     chain: usize,
     /// Envoy's `%PROTOCOL%`: HTTP/1.1 or HTTP/2.
@@ -138,6 +140,12 @@ impl ProxyHttp for LegateProxy {
             return Ok(true);
         };
         ctx.chain = crate::io::connection_chain(session);
+        if session.is_http2() {
+            if let Some(info) = crate::io::connection_info(session) {
+                info.streams.fetch_add(1, Ordering::Relaxed);
+                ctx.counted_stream = true;
+            }
+        }
         if let Some(clock) = crate::io::request_clock(session) {
             clock.headers_done();
         }
@@ -599,6 +607,13 @@ impl ProxyHttp for LegateProxy {
 
     /// Releases the host's active-request count.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.counted_stream {
+            if let Some(info) = crate::io::connection_info(session) {
+                let ms = info.accepted.elapsed().as_millis() as u64;
+                info.idle_since_ms.store(ms, Ordering::Relaxed);
+                info.streams.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         if let Some(clock) = crate::io::request_clock(session) {
             clock.next_request();
             // The clock cannot tell a drained body's bytes from the next request's; Envoy
