@@ -160,12 +160,7 @@ fn grpc_and_h2_streams_end_to_end() {
         assert_eq!(second.status, Status::NotServing as i32);
 
         // Both directions at once: chunk N comes back before chunk N+1 is sent.
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut h2 = h2.ready().await.unwrap();
+        let (mut h2, _conn) = h2c_connect(port).await;
         let req = http::Request::post(format!("http://127.0.0.1:{port}/echo"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")

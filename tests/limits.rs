@@ -225,12 +225,7 @@ fn request_timers_leave_http2_connections_alone() {
     let _l = Legate::start(&yaml, port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut h2 = h2.ready().await.unwrap();
+        let (mut h2, _conn) = h2c_connect(port).await;
         let get = http::Request::get(format!("http://127.0.0.1:{port}/"))
             .body(())
             .unwrap();
@@ -288,12 +283,7 @@ fn http2_connections_drain_at_their_limits() {
         let port = free_port();
         let _l = Legate::start(&config(port, up.port(), hcm), port);
         rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-            let conn = tokio::spawn(conn);
-            let mut h2 = h2.ready().await.unwrap();
+            let (mut h2, conn) = h2c_connect(port).await;
             for i in 0..2 {
                 if i > 0 {
                     h2 = h2.ready().await.unwrap();

@@ -790,3 +790,19 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP/2 client over plaintext (h2c with prior knowledge) to a local port, ready to
+/// send; the connection's task handle ends when the connection closes.
+pub async fn h2c_connect(
+    port: u16,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (h2, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    (h2.ready().await.expect("h2 ready"), conn)
+}
