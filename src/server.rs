@@ -464,8 +464,9 @@ async fn serve_connection(
     let _ = digest.peer_addr.set(Some(peer.into()));
     l4.set_socket_digest(digest);
     let listener = local.and_then(|a| snapshot.listener_at(a));
-    // Age and request-count limits drain a connection through Pingora's shutdown signal,
-    // which is how it sends HTTP/2 GOAWAY; connections without them share the global one.
+    // Age, request-count and (on connections that may speak HTTP/2) idle limits drain a
+    // connection through Pingora's shutdown signal, which is how it sends HTTP/2 GOAWAY;
+    // connections without them share the global one.
     let drain = listener
         .filter(|l| {
             l.chains.iter().any(|c| {
