@@ -63,9 +63,7 @@ impl ConnectionInfo {
         hcm: &crate::listener::HttpConnectionManager,
         drain: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     ) -> Self {
-        let limited = hcm.limits.max_connection_duration.is_some()
-            || hcm.limits.max_requests_per_connection.is_some()
-            || (hcm.h2c || tls.is_some()) && hcm.idle_timeout.is_some();
+        let limited = Self::drains(hcm, tls.is_some());
         ConnectionInfo {
             chain,
             tls,
@@ -84,10 +82,16 @@ impl ConnectionInfo {
     }
 
     /// Whether the connection manager needs per-connection state.
-    pub fn needed(hcm: &crate::listener::HttpConnectionManager) -> bool {
-        (hcm.h2c && hcm.idle_timeout.is_some())
+    /// Whether the connection manager may drain a connection on its own (age, request
+    /// count, or idle on a connection that may speak HTTP/2: plaintext AUTO codec or TLS).
+    pub fn drains(hcm: &crate::listener::HttpConnectionManager, tls: bool) -> bool {
+        hcm.limits.max_connection_duration.is_some()
             || hcm.limits.max_requests_per_connection.is_some()
-            || hcm.limits.max_connection_duration.is_some()
+            || (hcm.h2c || tls) && hcm.idle_timeout.is_some()
+    }
+
+    pub fn needed(hcm: &crate::listener::HttpConnectionManager) -> bool {
+        Self::drains(hcm, false)
             || hcm.request_timeout.is_some()
             || hcm.request_headers_timeout.is_some()
     }

@@ -469,11 +469,9 @@ async fn serve_connection(
     // connections without them share the global one.
     let drain = listener
         .filter(|l| {
-            l.chains.iter().any(|c| {
-                c.hcm.limits.max_connection_duration.is_some()
-                    || c.hcm.limits.max_requests_per_connection.is_some()
-                    || (c.hcm.h2c || c.tls.is_some()) && c.hcm.idle_timeout.is_some()
-            })
+            l.chains
+                .iter()
+                .any(|c| ConnectionInfo::drains(&c.hcm, c.tls.is_some()))
         })
         .map(|_| Arc::new(watch::channel(false).0));
     let (stream, chain): (pingora::protocols::Stream, usize) = match listener {
