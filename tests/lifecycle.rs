@@ -89,7 +89,14 @@ fn sigquit_hands_the_listening_sockets_to_the_new_process() {
     // Both processes are told the same socket path, as Pingora's upgrade_sock setting.
     let mut old = Legate::spawn_with(&yaml, &["--upgrade-sock", sock_arg]);
     wait_for_port(port, Some(&mut old.child));
-    let before = listening_inodes(port);
+    // The port answers once the first worker has bound its socket; the second may be a
+    // moment behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut before = listening_inodes(port);
+    while before.len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        before = listening_inodes(port);
+    }
     assert_eq!(before.len(), 2, "one socket per worker");
 
     let stop = Arc::new(AtomicBool::new(false));
