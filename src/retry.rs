@@ -305,9 +305,10 @@ pub fn effective_policy(
     configured: Option<&RetryPolicy>,
     headers: &http::HeaderMap,
 ) -> Option<RetryPolicy> {
-    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    use crate::proxy::names;
+    let header = |n: &http::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
     let mut policy = configured.cloned();
-    if let Some(on) = header("x-envoy-retry-on") {
+    if let Some(on) = header(&names::X_ENVOY_RETRY_ON) {
         let (extra, _unknown) = RetryOn::parse(on);
         if !extra.is_empty() {
             let p = policy.get_or_insert_with(RetryPolicy::default);
@@ -315,14 +316,15 @@ pub fn effective_policy(
         }
     }
     let mut policy = policy?;
-    if let Some(codes) = header("x-envoy-retriable-status-codes") {
+    if let Some(codes) = header(&names::X_ENVOY_RETRIABLE_STATUS_CODES) {
         policy.retriable_status_codes.extend(
             codes
                 .split(',')
                 .filter_map(|c| c.trim().parse::<u16>().ok()),
         );
     }
-    if let Some(n) = header("x-envoy-max-retries").and_then(|v| v.trim().parse::<u32>().ok()) {
+    if let Some(n) = header(&names::X_ENVOY_MAX_RETRIES).and_then(|v| v.trim().parse::<u32>().ok())
+    {
         policy.num_retries = n;
     }
     if policy.retry_on.is_empty() || policy.num_retries == 0 {

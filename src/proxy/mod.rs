@@ -4,6 +4,7 @@
 mod attempt;
 mod downstream;
 mod local_reply;
+pub(crate) mod names;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -694,10 +695,10 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
         _ => None,
     });
     let mut policy = effective_policy(configured, headers);
-    let timeout = header_ms(headers, "x-envoy-upstream-rq-timeout-ms").unwrap_or(timeout);
+    let timeout = header_ms(headers, &names::X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS).unwrap_or(timeout);
     if let (Some(p), Some(per_try)) = (
         policy.as_mut(),
-        header_ms(headers, "x-envoy-upstream-rq-per-try-timeout-ms"),
+        header_ms(headers, &names::X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS),
     ) {
         p.per_try_timeout = per_try;
     }
@@ -794,7 +795,7 @@ fn overflow_reply() -> LocalReply {
 
 /// A millisecond count from a request header such as `x-envoy-upstream-rq-timeout-ms`;
 /// 0 means no timeout, as in Envoy.
-fn header_ms(headers: &http::HeaderMap, name: &str) -> Option<Option<Duration>> {
+fn header_ms(headers: &http::HeaderMap, name: &http::HeaderName) -> Option<Option<Duration>> {
     let ms: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
     Some((ms > 0).then(|| Duration::from_millis(ms)))
 }
@@ -839,7 +840,7 @@ fn request_view<'a>(session: &'a Session, ctx: &RequestCtx) -> Option<RequestVie
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = req
         .headers
-        .get("x-forwarded-proto")
+        .get(&names::X_FORWARDED_PROTO)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("http");
     let mut view = RequestView::new(req.method.as_str(), path, host, scheme, &req.headers);

@@ -8,7 +8,7 @@ use crate::cluster::host::Host;
 use crate::cluster::Cluster;
 use crate::listener::{HttpConnectionManager, ServerHeader};
 use crate::route::entry::HostRewrite;
-use crate::route::headers::{FormatContext, HeaderMutations, HeaderTarget};
+use crate::route::headers::{remove_where, FormatContext, HeaderMutations, HeaderTarget};
 use crate::route::{Action, ClusterChoice, Matched, RouteTable};
 
 const HOP_BY_HOP: &[&str] = &[
@@ -72,12 +72,9 @@ pub fn finalize_request(
     host: Option<&Host>,
     fmt: &FormatContext<'_>,
 ) {
-    for h in HOP_BY_HOP {
-        if framing.upgrade && (*h == "connection" || *h == "upgrade") {
-            continue;
-        }
-        req.remove_header(*h);
-    }
+    remove_where(req, |n| {
+        HOP_BY_HOP.contains(&n) && !(framing.upgrade && (n == "connection" || n == "upgrade"))
+    });
     if !framing.body_follows && !framing.upgrade {
         add_zero_content_length(req);
     }
@@ -135,9 +132,7 @@ pub fn set_router_headers(
     attempt: u32,
     expected_timeout: Option<std::time::Duration>,
 ) {
-    for h in super::attempt::CONSUMED_HEADERS {
-        req.remove_header(*h);
-    }
+    remove_where(req, |n| super::attempt::CONSUMED_HEADERS.contains(&n));
     if !hcm.filters.router.suppress_envoy_headers {
         if let Some(t) = expected_timeout {
             let _ = req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string());
@@ -176,9 +171,9 @@ pub fn apply_response_mutations(
 }
 
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for h in ["connection", "keep-alive", "proxy-connection"] {
-        resp.remove_header(h);
-    }
+    remove_where(resp, |n| {
+        matches!(n, "connection" | "keep-alive" | "proxy-connection")
+    });
 }
 
 pub fn set_server_header(resp: &mut ResponseHeader, hcm: &HttpConnectionManager) {
