@@ -236,8 +236,8 @@ def to_ms(v):
 
 def svg_chart(summary, title):
     """Three panels of horizontal bars (req/s, CPU per request, RSS), one bar per proxy."""
-    proxies = [p for p in ("nginx", "envoy", "legate") if p in summary]
-    colors = {"nginx": "#6a9955", "envoy": "#8c6bb1", "legate": "#d9822b"}
+    proxies = [p for p in ("nginx", "pingora", "envoy", "legate") if p in summary]
+    colors = {"nginx": "#6a9955", "pingora": "#999999", "envoy": "#8c6bb1", "legate": "#d9822b"}
     panels = [("requests/s (higher is better)", 0, "{:,.0f}"),
               ("CPU µs per request (lower is better)", 3, "{:.1f}"),
               ("RSS MiB (lower is better)", 4, "{:.1f}")]
@@ -248,6 +248,7 @@ def svg_chart(summary, title):
            f'font-family="sans-serif" font-size="13">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="10" y="24" font-size="15" font-weight="bold">legate vs Envoy 1.40 vs nginx: {title}</text>']
+    # "pingora" is Pingora with no logic of its own (--bare): the floor under legate.
     y = 40
     for name, idx, fmt in panels:
         out.append(f'<text x="10" y="{y + 18}" font-weight="bold">{name}</text>')
