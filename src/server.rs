@@ -74,7 +74,11 @@ struct ListenerManager {
     /// One single-threaded runtime per worker thread, as Envoy and Pingora run workers:
     /// a connection stays on the worker that accepted it, with no cross-thread wakeups.
     workers: Vec<tokio::runtime::Handle>,
-    app: Arc<App>,
+    /// One proxy per worker, for one upstream connection pool per worker as in Envoy. With
+    /// one shared pool a connection released on one worker and reused on another raced
+    /// Pingora's idle watcher: the reuse failed ("failed to acquire reusable stream"), the
+    /// connection was closed, and each cross-worker reuse woke the other worker's thread.
+    apps: Vec<Arc<App>>,
     shared: Arc<ArcSwap<Snapshot>>,
     running: Mutex<HashMap<String, Running>>,
 }
@@ -97,15 +101,21 @@ impl ListenerManager {
             max_retries: 1_000_000,
             ..ServerConf::default()
         });
-        let mut app = pingora::proxy::http_proxy(&conf, LegateProxy::new(shared.clone()));
-        // Pingora looks for the h2c preface only where the stream lets it peek (see io.rs).
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-        let app = Arc::new(app);
+        let apps = workers
+            .iter()
+            .map(|_| {
+                let mut app = pingora::proxy::http_proxy(&conf, LegateProxy::new(shared.clone()));
+                // Pingora looks for the h2c preface only where the stream lets it peek (see
+                // io.rs).
+                let mut options = pingora::apps::HttpServerOptions::default();
+                options.h2c = true;
+                app.server_options = Some(options);
+                Arc::new(app)
+            })
+            .collect();
         Ok(ListenerManager {
             workers,
-            app,
+            apps,
             shared,
             running: Mutex::new(HashMap::new()),
         })
@@ -195,10 +205,10 @@ impl ListenerManager {
                 .iter()
                 .map(std::os::fd::AsRawFd::as_raw_fd)
                 .collect();
-            for (w, listener) in self.workers.iter().zip(sockets) {
+            for ((w, app), listener) in self.workers.iter().zip(&self.apps).zip(sockets) {
                 w.spawn(accept_loop(
                     listener,
-                    self.app.clone(),
+                    app.clone(),
                     self.shared.clone(),
                     stop_rx.clone(),
                     shutdown_rx.clone(),

@@ -306,17 +306,14 @@ fn upstream_connections_are_reused() {
         assert_eq!(get(e.port, "/reuse", "w").status, 200);
         // The upstream connection goes back to the pool just after the response is sent;
         // give that a moment so the next request can find it.
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let ports: std::collections::HashSet<u16> = e.a.seen().iter().map(|s| s.peer_port).collect();
     assert_eq!(e.a.count(), 10);
-    // Sequential requests share pooled connections: about one per worker thread. Pingora
-    // hands a released connection over through an idle-watch task, and a worker that finds
-    // it busy at that moment opens another ("failed to acquire reusable stream"), so extra
-    // connections happen now and then on a loaded machine (5 seen once with every test of
-    // this file running at once); ten would mean no pooling at all.
+    // Sequential requests share pooled connections: one per worker thread (each worker has
+    // its own pool); ten would mean no pooling at all.
     assert!(
-        ports.len() <= 6,
+        ports.len() <= 2,
         "{} upstream connections for 10 requests",
         ports.len()
     );
@@ -629,4 +626,52 @@ static_resources:
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!((r.status, r.body.as_str()), (200, "v6\n"));
+}
+
+/// Each worker keeps its own upstream connections, as Envoy's workers do. With one pool
+/// shared by the workers, a connection released on one worker and taken by the other
+/// raced Pingora's idle watcher: the reuse failed with "failed to acquire reusable stream"
+/// at ERROR and the connection was closed — every few thousand requests under load (this
+/// test, with half as many requests, failed two runs in three on the shared pool).
+#[test]
+fn workers_reuse_upstream_connections_without_racing() {
+    use std::process::Stdio;
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, ROUTES, "")],
+        &[cluster_yaml("a", &[a.port()], "")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bootstrap.yaml");
+    let log = dir.path().join("stderr.log");
+    std::fs::write(&config, &yaml).unwrap();
+    let mut child = Command::new(legate_bin())
+        .arg("-c")
+        .arg(&config)
+        .args(["--concurrency", "2", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start legate");
+    wait_for_port(port, Some(&mut child));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = KeepAlive::connect(port).unwrap();
+                (0..2_000)
+                    .filter(|_| c.get("/reuse", "w").is_ok_and(|r| r.status == 200))
+                    .count()
+            })
+        })
+        .collect();
+    let ok: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ok, 16_000);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !stderr.contains("failed to acquire reusable stream"),
+        "pooled connections raced between workers:\n{stderr}"
+    );
 }
