@@ -10,9 +10,9 @@ use pingora::http::RequestHeader;
 
 use crate::listener::{HttpConnectionManager, StripPort};
 use crate::route::headers::remove_where;
+use crate::route::table::strip_port;
 
 use super::names;
-use crate::route::table::strip_port;
 
 /// Removed from every request that is not internal (the router would otherwise obey them).
 const INTERNAL_CONTROL: &[&str] = &[
