@@ -302,6 +302,8 @@ fn rfc3339(unix: u64) -> String {
 /// Envoy's config_dump shape: bootstrap, clusters, endpoints, listeners and routes, with
 /// the version and time each dynamic type was last accepted.
 pub fn config_dump(s: &Snapshot) -> Value {
+    // Held for the whole dump, so the descriptor pool is decoded once, not per message.
+    let _pool = pool();
     let version = |type_url: &str| s.dynamic.versions.get(type_url).cloned();
     let dynamic = |type_url: &str, field: &str, items: Vec<Value>| -> Vec<Value> {
         let (v, t) = version(type_url).unwrap_or_default();
