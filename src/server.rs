@@ -85,6 +85,13 @@ struct ListenerManager {
 
 impl ListenerManager {
     fn new(threads: usize, shared: Arc<ArcSwap<Snapshot>>) -> std::io::Result<Self> {
+        // Pingora's own timeouts (upstream reads, connects, downstream keep-alive) go to a
+        // process-wide timer wheel whose clock thread, once the first one is armed, wakes
+        // every 10 ms for the rest of the process's life: 100 wake-ups a second on an idle
+        // sidecar, and a lock shared by the workers under load. Timeouts of a second or
+        // more (the defaults: 15 s route, 5 s connect, 1 h idle) go to each worker's Tokio
+        // timer instead; only sub-second ones still start that thread.
+        pingora::time::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(Duration::ZERO));
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()

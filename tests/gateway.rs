@@ -675,3 +675,45 @@ fn workers_reuse_upstream_connections_without_racing() {
         "pooled connections raced between workers:\n{stderr}"
     );
 }
+
+/// Wake-ups of all the process's threads so far (Linux's per-thread voluntary context
+/// switches: each is a sleep that ended).
+fn wakeups(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A sidecar spends most of its life idle. After serving requests (which arm Pingora's
+/// upstream read, connect and keep-alive timeouts), legate must not keep a thread ticking:
+/// Pingora's own timer wheel, once started, wakes every 10 ms for good (~200 wake-ups in
+/// the two seconds watched here); legate's workers wake a few times a second.
+#[test]
+fn an_idle_gateway_stays_asleep() {
+    let a = Upstream::start("a");
+    let port = free_port();
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, ROUTES, "")],
+        &[cluster_yaml("a", &[a.port()], "")],
+    );
+    let legate = Legate::spawn_with(&yaml, &[]);
+    wait_for_port(port, None);
+    let mut c = KeepAlive::connect(port).unwrap();
+    for _ in 0..20 {
+        assert_eq!(c.get("/", "x").unwrap().status, 200);
+    }
+    assert_eq!(get(port, "/", "x").status, 200);
+    drop(c);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = wakeups(legate.child.id());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let woke = wakeups(legate.child.id()) - before;
+    assert!(woke < 40, "{woke} wake-ups in 2 s of idling");
+}
