@@ -9,6 +9,14 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
+// legate's allocator and its setting (src/allocator.rs), so that only the hooks differ.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
+
 struct Bare(String);
 
 #[async_trait]
@@ -31,12 +39,6 @@ fn main() {
         eprintln!("usage: bare_pingora LISTEN_ADDR UPSTREAM_ADDR");
         std::process::exit(2);
     };
-    // The allocator setting legate starts with (src/cli.rs), so that only the hooks differ.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called once, before any thread.
-    unsafe {
-        libc::mallopt(libc::M_MXFAST, 0);
-    }
     // One worker on a single-threaded runtime, as legate runs with --concurrency 1.
     let conf = ServerConf {
         threads: 1,

@@ -19,6 +19,14 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+// legate's allocator (src/allocator.rs), as in the other floor.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
+
 const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",

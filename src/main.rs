@@ -1,5 +1,12 @@
 //! The `legate` command.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
+
 fn main() -> std::process::ExitCode {
     legate::Legate::new().main()
 }

@@ -701,7 +701,7 @@ impl Gateway {
         }
         count_changes(Some(&old), &new);
         drop((old, new));
-        return_freed_memory();
+        crate::allocator::return_freed_memory();
         Ok(())
     }
 
@@ -839,7 +839,7 @@ pub fn run(source: ConfigSource, threads: usize, life: Lifecycle) -> Result<(), 
             .map_err(|e| ConfigErrors::one("admin.address", format!("cannot bind {addr}: {e}")))?;
     }
     start_xds(&gateway);
-    return_freed_memory();
+    crate::allocator::return_freed_memory();
 
     for sig in signals.forever() {
         match sig {
@@ -897,17 +897,6 @@ fn start_xds(gateway: &Arc<Gateway>) {
         (*snapshot.dynamic).clone(),
         needs(&snapshot),
     );
-}
-
-/// Gives the heap pages that loading and compiling a config used and freed back to the
-/// system. glibc keeps them otherwise: about 4.5 of 30 MiB RSS right after start, most of
-/// it from parsing the bootstrap (the protobuf descriptors stay; they serve reloads).
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it takes the arenas' own locks.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// A small runtime, separate from the proxy's workers, for health checks, outlier
