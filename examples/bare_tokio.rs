@@ -79,15 +79,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, pool: Pool) -> std::
                     out.push(b' ');
                     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
                     out.extend_from_slice(b" HTTP/1.1\r\n");
-                    for h in req.headers.iter() {
-                        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
-                            continue;
-                        }
-                        out.extend_from_slice(h.name.as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(h.value);
-                        out.extend_from_slice(b"\r\n");
-                    }
+                    forward_headers(req.headers, &mut out);
                     out.extend_from_slice(b"x-forwarded-proto: http\r\n\r\n");
                     break n;
                 }
@@ -117,29 +109,21 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, pool: Pool) -> std::
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(&ubuf).map_err(std::io::Error::other)? {
                 httparse::Status::Complete(n) => {
-                    let mut len = 0usize;
                     out.clear();
                     out.extend_from_slice(b"HTTP/1.1 ");
                     out.extend_from_slice(resp.code.unwrap_or(502).to_string().as_bytes());
                     out.push(b' ');
                     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
                     out.extend_from_slice(b"\r\n");
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            len = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse().ok())
-                                .unwrap_or(0);
-                        }
-                        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
-                            continue;
-                        }
-                        out.extend_from_slice(h.name.as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(h.value);
-                        out.extend_from_slice(b"\r\n");
-                    }
+                    forward_headers(resp.headers, &mut out);
                     out.extend_from_slice(b"\r\n");
+                    let len = resp
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0usize);
                     break (n, len);
                 }
                 httparse::Status::Partial => {
@@ -159,5 +143,18 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, pool: Pool) -> std::
         ubuf.advance(body_len);
         pool.borrow_mut().push((up, ubuf));
         client.write_all(&out).await?;
+    }
+}
+
+/// Appends the end-to-end headers of a parsed header block, as the proxy sends them on.
+fn forward_headers(headers: &[httparse::Header<'_>], out: &mut Vec<u8>) {
+    for h in headers {
+        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
     }
 }
