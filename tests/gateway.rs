@@ -717,3 +717,63 @@ fn an_idle_gateway_stays_asleep() {
     let woke = wakeups(legate.child.id()) - before;
     assert!(woke < 40, "{woke} wake-ups in 2 s of idling");
 }
+
+/// Envoy's own examples use `connect_timeout: 0.25s`. Pingora would bound such a connect
+/// with its timer wheel (whose thread then ticks for good), so these clusters connect
+/// through legate's connector: same answers as a cluster with a longer timeout, refused
+/// connects included, and still no ticking thread afterwards.
+#[test]
+fn sub_second_connect_timeouts_answer_alike_and_keep_the_gateway_asleep() {
+    let a = Upstream::start("a");
+    let dead = free_port();
+    let port = free_port();
+    let routes = r#"
+name: main
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - match: {prefix: /fast-dead}
+    route: {cluster: fast-dead}
+  - match: {prefix: /dead}
+    route: {cluster: dead}
+  - match: {prefix: /}
+    route: {cluster: fast}
+"#;
+    let sub_second = |name: &str, port: u16| {
+        cluster_yaml(name, &[port], "").replace("connect_timeout: 1s", "connect_timeout: 0.25s")
+    };
+    let yaml = bootstrap(
+        &[listener_yaml("main", port, routes, "")],
+        &[
+            sub_second("fast", a.port()),
+            sub_second("fast-dead", dead),
+            cluster_yaml("dead", &[dead], ""),
+        ],
+    );
+    let legate = Legate::spawn_with(&yaml, &[]);
+    wait_for_port(port, None);
+    let mut c = KeepAlive::connect(port).unwrap();
+    for _ in 0..20 {
+        let r = c.get("/", "x").unwrap();
+        assert_eq!((r.status, r.upstream()), (200, Some("a")));
+    }
+    let refused = get(port, "/dead", "x");
+    let refused_fast = get(port, "/fast-dead", "x");
+    assert_eq!(refused.status, 503);
+    assert!(
+        refused.body.contains("Connection refused"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        (refused_fast.status, refused_fast.body),
+        (refused.status, refused.body)
+    );
+    drop(c);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = wakeups(legate.child.id());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let woke = wakeups(legate.child.id()) - before;
+    assert!(woke < 40, "{woke} wake-ups in 2 s of idling");
+}

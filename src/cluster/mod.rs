@@ -3,6 +3,7 @@
 mod background;
 pub mod circuit;
 pub mod config;
+pub mod connect;
 pub mod health;
 pub mod host;
 pub mod lb;
@@ -84,6 +85,8 @@ pub struct Cluster {
     pub protocol: config::ProtocolSettings,
     /// `transport_socket` `envoy.transport_sockets.tls`.
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// Set when `connect_timeout` is under a second (see connect.rs).
+    pub tokio_connect: Option<Arc<connect::TokioConnect>>,
     /// Pingora's connection-pool group: pooled connections are shared only within one
     /// cluster and one version of its definition, as Envoy keeps pools per cluster. (Pingora
     /// alone would reuse a connection verified with another cluster's CA.)
@@ -381,11 +384,17 @@ impl Cluster {
                 "LOGICAL_DNS clusters must have exactly one endpoint",
             );
         }
+        let connect_timeout = connect_timeout
+            .as_ref()
+            .map_or(DEFAULT_CONNECT_TIMEOUT, duration::to_std);
         let cluster = Cluster {
             name: name.clone(),
-            connect_timeout: connect_timeout
-                .as_ref()
-                .map_or(DEFAULT_CONNECT_TIMEOUT, duration::to_std),
+            connect_timeout,
+            tokio_connect: (connect_timeout < connect::PINGORA_TOKIO_THRESHOLD).then(|| {
+                Arc::new(connect::TokioConnect {
+                    timeout: connect_timeout,
+                })
+            }),
             idle_timeout,
             policy,
             locality_weighted,

@@ -346,7 +346,10 @@ impl ProxyHttp for LegateProxy {
             _ => None,
         });
         let mut peer = upstream::peer(&cluster, &host, session);
-        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        match &cluster.tokio_connect {
+            Some(connect) => peer.options.custom_l4 = Some(connect.clone()),
+            None => peer.options.connection_timeout = Some(cluster.connect_timeout),
+        }
         peer.options.idle_timeout = Some(cluster.idle_timeout);
         peer.options.read_timeout = if ctx.upgrade {
             // The route timeout starts when the request ends, which an upgraded one never
