@@ -140,3 +140,37 @@ fn a_listener_that_cannot_bind_rejects_the_reload() {
     );
     drop(taken);
 }
+
+/// Envoy refuses a bootstrap file with no document in it. A reload that reads the file
+/// just after an editor (or `echo >`) truncated it must keep the listeners, not take the
+/// emptiness for a config without any.
+#[test]
+fn an_empty_file_rejects_the_reload() {
+    let a = Upstream::start("a");
+    let port = free_port();
+    let good = bootstrap(
+        &[listener_yaml("main", port, &route_to("a", "good"), "")],
+        &[cluster_yaml("a", &[a.port()], "")],
+    );
+    let legate = Legate::start(&good, port);
+    for empty in ["", "\n# nothing yet\n"] {
+        legate.rewrite_config(empty);
+        legate.signal("HUP");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            assert_eq!(get(port, "/", "w").status, 200);
+        }
+    }
+    assert_eq!(a.last().header("x-config"), Some("good"));
+    let checked = std::process::Command::new(legate_bin())
+        .args(["--validate", "-c"])
+        .arg(&legate.config)
+        .output()
+        .unwrap();
+    assert!(!checked.status.success());
+    assert!(
+        String::from_utf8_lossy(&checked.stdout).contains("no configuration")
+            || String::from_utf8_lossy(&checked.stderr).contains("no configuration"),
+        "{checked:?}"
+    );
+}

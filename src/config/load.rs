@@ -57,12 +57,16 @@ fn text_to_json(text: &str) -> Result<serde_json::Value, ConfigErrors> {
     } else {
         let v: serde_json::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigErrors::one("", format!("invalid YAML: {e}")))?;
-        // An empty file is an empty bootstrap, as in Envoy.
-        Ok(if v.is_null() {
-            serde_json::Value::Object(Default::default())
-        } else {
-            v
-        })
+        // Envoy refuses a file with no document ("Unable to convert YAML as JSON"). Taking
+        // it as an empty bootstrap would stop every listener, e.g. when a reload reads the
+        // file while an editor has just truncated it.
+        if v.is_null() {
+            return Err(ConfigErrors::one(
+                "",
+                "the file holds no configuration (empty YAML document)",
+            ));
+        }
+        Ok(v)
     }
 }
 
@@ -137,6 +141,15 @@ pub fn unpack_or_report<M: Message + Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_without_a_document_is_refused_as_envoy_does() {
+        for text in ["", "  \n", "# only a comment\n"] {
+            let err = parse_bootstrap(text).unwrap_err();
+            assert!(err.0[0].reason.contains("no configuration"), "{err:?}");
+        }
+        assert!(parse_bootstrap("{}").is_ok());
+    }
 
     #[test]
     fn unknown_field_is_reported_with_its_path() {
