@@ -40,9 +40,12 @@ fn main() {
         std::process::exit(2);
     };
     // One worker on a single-threaded runtime, as legate runs with --concurrency 1.
+    // legate's timer setting too (ListenerManager::new): Pingora's timeouts of a second or
+    // more on the worker's Tokio timer.
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
