@@ -57,9 +57,10 @@ def top_functions(outfile, n):
                          capture_output=True, text=True).stdout
     rows = []
     for line in out.splitlines():
-        m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(?:\?\?\?|\S+?):(.*?)(?: \[.*\])?$", line)
-        if m and "PROGRAM TOTALS" not in line:
-            rows.append((int(m.group(1).replace(",", "")), m.group(2)))
+        m = re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+(?:\?\?\?|\S+?):(.*?)(?: \[.*\])?$", line)
+        # Thread entry points and `main` are listed with the whole program's count.
+        if m and "PROGRAM TOTALS" not in line and float(m.group(2)) < 99.0:
+            rows.append((int(m.group(1).replace(",", "")), m.group(3)))
         if len(rows) >= n:
             break
     return rows
