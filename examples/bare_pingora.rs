@@ -13,6 +13,8 @@ use pingora::server::configuration::ServerConf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// An ELF constructor: runs before Rust's runtime makes its first allocation.
+#[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".init_array")]
 static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;

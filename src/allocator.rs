@@ -16,6 +16,7 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// makes before `main`; so a binary runs this from its `.init_array`:
 ///
 /// ```ignore
+/// #[cfg(target_os = "linux")]
 /// #[used]
 /// #[unsafe(link_section = ".init_array")]
 /// static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
