@@ -10,14 +10,7 @@ use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
 // legate's allocator and its setting (src/allocator.rs), so that only the hooks differ.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-// An ELF constructor: runs before Rust's runtime makes its first allocation.
-#[cfg(target_os = "linux")]
-#[used]
-#[unsafe(link_section = ".init_array")]
-static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
+legate::install_allocator!();
 
 struct Bare(String);
 

@@ -20,14 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 // legate's allocator (src/allocator.rs), as in the other floor.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-// An ELF constructor: runs before Rust's runtime makes its first allocation.
-#[cfg(target_os = "linux")]
-#[used]
-#[unsafe(link_section = ".init_array")]
-static CONFIGURE_ALLOCATOR: extern "C" fn() = legate::allocator::configure;
+legate::install_allocator!();
 
 const HOP_BY_HOP: [&str; 6] = [
     "connection",
