@@ -15,6 +15,12 @@ enum Mode {
     Validate,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Pingora,
+    Native,
+}
+
 /// legate: an Envoy-compatible HTTP gateway on Pingora.
 ///
 /// Give it an Envoy v3 bootstrap (YAML or JSON, the same file Envoy takes) with -c.
@@ -54,6 +60,12 @@ struct Args {
     /// which hands them over and drains when it gets SIGQUIT.
     #[arg(short = 'u', long)]
     upgrade: bool,
+
+    /// HTTP engine for plaintext HTTP/1 listeners: pingora (default), or native, legate's
+    /// own HTTP/1.1 engine, which serves requests without a body to plaintext HTTP/1
+    /// clusters and hands every other connection to Pingora.
+    #[arg(long, value_enum, default_value_t = EngineArg::Pingora)]
+    engine: EngineArg,
 
     /// The unix socket the listening sockets pass through during an upgrade.
     #[arg(long, value_name = "PATH", default_value = "/tmp/legate_upgrade.sock")]
@@ -148,6 +160,10 @@ pub fn main() -> ExitCode {
         drain_time: std::time::Duration::from_secs(args.drain_time_s),
         upgrade: args.upgrade,
         upgrade_sock: args.upgrade_sock.clone(),
+        engine: match args.engine {
+            EngineArg::Pingora => crate::server::Engine::Pingora,
+            EngineArg::Native => crate::server::Engine::Native,
+        },
     };
     match run(source, threads, life) {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,12 +79,17 @@ struct ListenerManager {
     /// Pingora's idle watcher: the reuse failed ("failed to acquire reusable stream"), the
     /// connection was closed, and each cross-worker reuse woke the other worker's thread.
     apps: Vec<Arc<App>>,
+    engine: Engine,
     shared: Arc<ArcSwap<Snapshot>>,
     running: Mutex<HashMap<String, Running>>,
 }
 
 impl ListenerManager {
-    fn new(threads: usize, shared: Arc<ArcSwap<Snapshot>>) -> std::io::Result<Self> {
+    fn new(
+        threads: usize,
+        shared: Arc<ArcSwap<Snapshot>>,
+        engine: Engine,
+    ) -> std::io::Result<Self> {
         // Pingora's own timeouts (upstream reads, connects, downstream keep-alive) go to a
         // process-wide timer wheel whose clock thread, once the first one is armed, wakes
         // every 10 ms for the rest of the process's life: 100 wake-ups a second on an idle
@@ -121,6 +126,7 @@ impl ListenerManager {
             })
             .collect();
         Ok(ListenerManager {
+            engine,
             workers,
             apps,
             shared,
@@ -220,6 +226,7 @@ impl ListenerManager {
                     stop_rx.clone(),
                     shutdown_rx.clone(),
                     cx_stats.clone(),
+                    self.engine,
                 ));
             }
             println!("legate: listener '{name}' on {scheme}://{addr}");
@@ -349,6 +356,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     cx_stats: Option<Arc<crate::stats::HttpStats>>,
+    engine: Engine,
 ) {
     loop {
         tokio::select! {
@@ -366,8 +374,9 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let active = cx_stats.clone().map(ActiveConnection::new);
                 let snapshot = shared.load_full();
+                let native = (engine == Engine::Native).then(|| shared.clone());
                 tokio::spawn(async move {
-                    serve_connection(tcp, peer, app, shutdown, snapshot).await;
+                    serve_connection(tcp, peer, app, shutdown, snapshot, native).await;
                     drop(active);
                 });
             }
@@ -472,11 +481,41 @@ async fn serve_connection(
     app: Arc<App>,
     shutdown: watch::Receiver<bool>,
     snapshot: Arc<Snapshot>,
+    native: Option<Arc<ArcSwap<Snapshot>>>,
 ) {
     use std::os::unix::io::AsRawFd;
-    let fd = tcp.as_raw_fd();
     let local = tcp.local_addr().ok();
+    let mut snapshot = snapshot;
+    let mut tcp = tcp;
+    // Bytes legate's HTTP/1 engine read before handing the connection to Pingora.
+    let mut replay = None;
+    // The connection_limit slot, when the native engine took it first.
+    let mut native_slot = None;
+    if let (Some(shared), Some(local)) = (native, local) {
+        let serves = snapshot
+            .listener_at(local)
+            .filter(|l| crate::proxy::native_serves(l));
+        if let Some(l) = serves {
+            native_slot = match connection_slot(l, 0) {
+                Ok(slot) => Some(slot),
+                Err(()) => return,
+            };
+            drop(snapshot);
+            let handed =
+                crate::proxy::serve_native(tcp, local, peer, shared.clone(), shutdown.clone());
+            let Some((stream, unread)) = handed.await else {
+                return;
+            };
+            tcp = stream;
+            replay = Some(unread);
+            snapshot = shared.load_full();
+        }
+    }
+    let fd = tcp.as_raw_fd();
     let mut l4: L4Stream = tcp.into();
+    if let Some(unread) = replay {
+        l4.rewind(&unread);
+    }
     let digest = SocketDigest::from_raw_fd(fd);
     let _ = digest.peer_addr.set(Some(peer.into()));
     l4.set_socket_digest(digest);
@@ -516,16 +555,12 @@ async fn serve_connection(
         Some(drain) => connection_shutdown(drain, shutdown, max_age, idle),
         None => shutdown,
     };
-    // Envoy's connection_limit filter: over the limit, the connection is closed at once.
-    let limit = listener
-        .and_then(|l| l.chains.get(chain))
-        .and_then(|c| c.connection_limit.as_ref());
-    let _slot = match limit {
-        Some(limit) => match limit.acquire() {
-            Some(slot) => Some(slot),
-            None => return,
+    let _slot = match native_slot {
+        Some(slot) => slot,
+        None => match listener.map_or(Ok(None), |l| connection_slot(l, chain)) {
+            Ok(slot) => slot,
+            Err(()) => return,
         },
-        None => None,
     };
     drop(snapshot);
     let mut next = app.process_new(stream, &shutdown).await;
@@ -534,6 +569,21 @@ async fn serve_connection(
             return;
         }
         next = app.process_new(s, &shutdown).await;
+    }
+}
+
+/// Envoy's connection_limit filter: over the limit (Err), the connection is closed at once.
+fn connection_slot(
+    listener: &crate::listener::Listener,
+    chain: usize,
+) -> Result<Option<crate::listener::ConnectionSlot>, ()> {
+    match listener
+        .chains
+        .get(chain)
+        .and_then(|c| c.connection_limit.as_ref())
+    {
+        Some(limit) => limit.acquire().map(Some).ok_or(()),
+        None => Ok(None),
     }
 }
 
@@ -779,10 +829,23 @@ fn drain_and_exit(gateway: &Gateway, drain_time: Duration) -> ! {
 /// How the process starts and hands over: `--upgrade` and `--upgrade-sock`.
 pub struct Lifecycle {
     pub drain_time: Duration,
+    /// Which HTTP engine serves plaintext HTTP/1 listeners.
+    pub engine: Engine,
     /// Take the listening sockets from the running process instead of binding.
     pub upgrade: bool,
     /// Where the sockets are passed (SIGQUIT in the old process sends them there).
     pub upgrade_sock: String,
+}
+
+/// The HTTP engine for plaintext HTTP/1 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// Pingora's proxy for every connection.
+    #[default]
+    Pingora,
+    /// legate's own HTTP/1.1 engine where it covers the listener and the request
+    /// (`proxy::native`); Pingora for the rest.
+    Native,
 }
 
 pub fn run(source: ConfigSource, threads: usize, life: Lifecycle) -> Result<(), ConfigErrors> {
@@ -802,7 +865,7 @@ pub fn run(source: ConfigSource, threads: usize, life: Lifecycle) -> Result<(), 
     wait_for_initial_health_checks(&snapshot);
     count_changes(None, &snapshot);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let manager = ListenerManager::new(threads, shared.clone())
+    let manager = ListenerManager::new(threads, shared.clone(), life.engine)
         .map_err(|e| ConfigErrors::one("", format!("cannot start workers: {e}")))?;
     if life.upgrade {
         println!(

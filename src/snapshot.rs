@@ -35,6 +35,9 @@ pub struct Snapshot {
     pub rds_timeouts: HashMap<String, Option<std::time::Duration>>,
     /// Listeners waiting for their RDS routes (not serving yet).
     pub warming: Vec<String>,
+    /// Every cluster speaks plaintext HTTP/1.1, which legate's own HTTP/1 engine can carry
+    /// (`proxy::native`); otherwise its connections go to Pingora.
+    pub plain_upstreams: bool,
 }
 
 impl Snapshot {
@@ -316,7 +319,9 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         }
     }
     errs.into_result(())?;
+    let plain_upstreams = clusters.values().all(|c| c.speaks_plain_http1());
     Ok(Snapshot {
+        plain_upstreams,
         listeners,
         listener_index,
         clusters,

@@ -15,7 +15,7 @@ instructions executed by all of the target's threads are divided by the requests
 completed.
 
 Usage: benches/load/instructions.py [--seconds S] [--connections C] [--top N]
-                                    [--baseline OLD_LEGATE_BINARY] [--no-nginx] [--envoy]
+                                    [--baseline OLD_LEGATE_BINARY] [--no-nginx] [--envoy] [--native]
 Needs: valgrind, wrk, nginx (apt); release builds of legate and of
 the two floors (cargo build --release --bin legate --example bare_pingora --example bare_tokio);
 envoy only with --envoy (slow to start under valgrind).
@@ -108,6 +108,8 @@ def main():
     ap.add_argument("--baseline", help="another legate binary, shown as 'baseline'")
     ap.add_argument("--no-nginx", action="store_true", help="skip nginx as a proxy")
     ap.add_argument("--envoy", action="store_true", help="also count Envoy's instructions")
+    ap.add_argument("--native", action="store_true",
+                    help="also count legate with --engine native (its own HTTP/1 engine), shown as 'native'")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk", "nginx") + (("envoy",) if args.envoy else ()):
         if not shutil.which(tool):
@@ -137,12 +139,19 @@ def main():
         for floor, binary in (("tokio", bare_tokio), ("pingora", bare)):
             port = free_port()
             targets.append((floor, [binary, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], port))
-        for name, binary in [("legate", args.legate)] + ([("baseline", args.baseline)] if args.baseline else []):
+        legates = [("legate", args.legate, "pingora")]
+        if args.native:
+            legates.append(("native", args.legate, "native"))
+        if args.baseline:
+            legates.append(("baseline", args.baseline, None))
+        for name, binary, engine in legates:
             port = free_port()
             conf = os.path.join(tmp, f"{name}.yaml")
             with open(conf, "w") as f:
                 f.write(bootstrap(port, up, 1))
-            targets.append((name, [binary, "-c", conf, "--concurrency", "1", "--log-level", "error"], port))
+            engine_args = ["--engine", engine] if engine else []
+            targets.append((name, [binary, "-c", conf, "--concurrency", "1", "--log-level", "error", *engine_args],
+                            port))
         if args.envoy:
             port = free_port()
             conf = os.path.join(tmp, "envoy.yaml")
@@ -163,6 +172,11 @@ def main():
         for other in ("pingora", "tokio", "nginx", "baseline", "envoy"):
             if other in results:
                 print(f"legate/{other}: {le / results[other]:.2f}x")
+        if "native" in results:
+            na = results["native"]
+            for other in ("legate", "pingora", "tokio", "nginx", "envoy"):
+                if other in results:
+                    print(f"native/{other}: {na / results[other]:.2f}x")
     finally:
         if upstream:
             upstream.terminate()

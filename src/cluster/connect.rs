@@ -46,7 +46,7 @@ impl L4Connect for TokioConnect {
 
 /// The error types Pingora's own connector gives the same failures (the retry policy and
 /// the response flags tell them apart).
-fn connect_error_type(e: &std::io::Error) -> ErrorType {
+pub(crate) fn connect_error_type(e: &std::io::Error) -> ErrorType {
     use std::io::ErrorKind;
     match e.kind() {
         ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,

@@ -113,6 +113,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Plaintext HTTP/1.1 to every endpoint (no TLS, no h2c).
+    pub fn speaks_plain_http1(&self) -> bool {
+        self.tls.is_none() && self.protocol.protocol != config::UpstreamProtocol::Http2
+    }
+
     pub fn convert(c: &ClusterProto, at: &str, errs: &mut Errors) -> Option<Self> {
         Cluster::convert_with_eds(c, at, &|_| None, errs)
     }

@@ -5,6 +5,7 @@ mod attempt;
 mod downstream;
 mod local_reply;
 pub(crate) mod names;
+mod native;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -43,6 +44,39 @@ const RETRY_ON_RESPONSE: ErrorType = ErrorType::Custom("retry on upstream respon
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// No endpoint left to try.
 const NO_HOST: ErrorType = ErrorType::Custom("no healthy upstream");
+
+/// Whether legate's own HTTP/1 engine can serve this listener's connections: plaintext,
+/// one filter chain, and no per-connection state (request timers, connection age or
+/// request-count limits), which only the Pingora path keeps so far.
+pub(crate) fn native_serves(listener: &Listener) -> bool {
+    !listener.inspect
+        && listener.chains.len() == 1
+        && listener.chains.first().is_some_and(|c| {
+            // The HTTP/2 idle drain does not matter here: an h2c connection goes to
+            // Pingora at its preface, with its own connection state.
+            let hcm = &c.hcm;
+            c.tls.is_none()
+                && hcm.request_timeout.is_none()
+                && hcm.request_headers_timeout.is_none()
+                && hcm.limits.max_connection_duration.is_none()
+                && hcm.limits.max_requests_per_connection.is_none()
+        })
+}
+
+/// Serves a connection with legate's own HTTP/1 engine; the stream and the bytes read but
+/// not served when Pingora is to take over.
+pub(crate) async fn serve_native(
+    tcp: tokio::net::TcpStream,
+    local: SocketAddr,
+    remote: SocketAddr,
+    shared: Arc<ArcSwap<Snapshot>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, bytes::BytesMut)> {
+    match native::serve(tcp, local, remote, shared, shutdown).await {
+        native::Served::Closed => None,
+        native::Served::Handover(tcp, unread) => Some((tcp, unread)),
+    }
+}
 
 /// The proxy behind every listener; a connection's local address tells which listener's
 /// HCM applies.
@@ -134,135 +168,7 @@ impl ProxyHttp for LegateProxy {
     /// Loads the snapshot, applies the HCM's header rules and filters, routes the request,
     /// and answers locally (direct response, redirect, 404, 503) when it does not forward.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        let snapshot = self.snapshot.load_full();
-        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
-        let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
-            send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;
-            return Ok(true);
-        };
-        ctx.chain = crate::io::connection_chain(session);
-        if session.is_http2() {
-            if let Some(info) = crate::io::connection_info(session) {
-                info.streams.fetch_add(1, Ordering::Relaxed);
-                ctx.counted_stream = true;
-            }
-        }
-        if let Some(clock) = crate::io::request_clock(session) {
-            clock.headers_done();
-        }
-        ctx.protocol = if session.is_http2() {
-            "HTTP/2"
-        } else {
-            "HTTP/1.1"
-        };
-        let Some(chain) = listener.chains.get(ctx.chain) else {
-            send_local_reply(session, ctx, LocalReply::new(503, "listener changed")).await?;
-            return Ok(true);
-        };
-        ctx.snapshot = Some(snapshot);
-        ctx.started = Some(Instant::now());
-        if !chain.hcm.access_logs.is_empty() {
-            ctx.start_time = Some(std::time::SystemTime::now());
-        }
-        ctx.listener = Some(listener.clone());
-        let hcm = &listener.chains[ctx.chain].hcm;
-        hcm.stats
-            .downstream_rq_total
-            .fetch_add(1, Ordering::Relaxed);
-        // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
-        session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
-        if let Some(reply) = apply_connection_limits(session, hcm) {
-            send_local_reply(session, ctx, reply).await?;
-            return Ok(true);
-        }
-        if session.req_header().version == http::Version::HTTP_10 {
-            // Envoy's default (`accept_http_10: false`): 426 and close.
-            session.set_keepalive(None);
-            send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
-            return Ok(true);
-        }
-        ctx.remote = session.client_addr().and_then(|a| a.as_inet()).copied();
-        ctx.local = local;
-        let scheme = match crate::io::connection_info(session).and_then(|i| i.tls.as_ref()) {
-            Some(_) => "https",
-            None => "http",
-        };
-        if let Some(kind) = downstream::requested_upgrade(session.req_header()) {
-            if !hcm.upgrades.contains(&kind) {
-                // Envoy refuses an upgrade the connection manager does not allow.
-                send_local_reply(session, ctx, LocalReply::new(403, "")).await?;
-                return Ok(true);
-            }
-            ctx.upgrade = true;
-        }
-        let ds = downstream::mutate_request_headers(
-            hcm,
-            session.req_header_mut(),
-            ctx.remote.map(|a| a.ip()),
-            listener.address.port(),
-            scheme,
-            ctx.upgrade,
-        );
-        ctx.request_id = ds.request_id;
-        ctx.client_ip = ds.remote;
-        // Routing is decided first so that filters know the route (as Envoy's filters see
-        // the cached route); it is acted on after them.
-        let unroutable = find_route(session, ctx, &listener);
-        ctx.filter_state = hcm
-            .filters
-            .filters
-            .iter()
-            .map(|_| Default::default())
-            .collect();
-        for (i, f) in hcm.filters.filters.iter().enumerate() {
-            let cx = filter_context(ctx, i, &f.name);
-            let reply = match f.filter.on_request_headers(session.req_header_mut(), &cx) {
-                FilterDecision::Continue => continue,
-                FilterDecision::Respond { status, body } => LocalReply::new(status, body),
-                FilterDecision::RespondWithHeaders { status, headers } => {
-                    let mut reply = LocalReply::new(status, Bytes::new());
-                    reply.filter_headers = headers;
-                    reply
-                }
-            };
-            send_local_reply(session, ctx, reply).await?;
-            return Ok(true);
-        }
-        if let Some(reply) = unroutable {
-            send_local_reply(session, ctx, reply).await?;
-            return Ok(true);
-        }
-        match decide(session, ctx, &listener) {
-            Decision::Reply(reply) => {
-                send_local_reply(session, ctx, reply).await?;
-                Ok(true)
-            }
-            Decision::Forward {
-                cluster,
-                host,
-                weighted,
-                timeout,
-                hash,
-            } => {
-                let Some(slot) = cluster.circuit.try_request() else {
-                    cluster
-                        .stats
-                        .upstream_rq_pending_overflow
-                        .fetch_add(1, Ordering::Relaxed);
-                    ctx.flags = "UO";
-                    send_local_reply(session, ctx, overflow_reply()).await?;
-                    return Ok(true);
-                };
-                ctx.request_slot = Some(slot);
-                ctx.active = Some(host.start_request());
-                ctx.host = Some(host);
-                ctx.cluster = Some(cluster);
-                ctx.weighted = weighted;
-                ctx.hash = hash;
-                start_attempts(session, ctx, timeout);
-                Ok(false)
-            }
-        }
+        handle_request(self.snapshot.load_full(), session, ctx).await
     }
 
     /// Filters' request body hook, chunk by chunk as the body streams upstream.
@@ -312,52 +218,14 @@ impl ProxyHttp for LegateProxy {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let Some(cluster) = ctx.cluster.clone() else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "no upstream chosen",
-            ));
-        };
-        // A transparent retry repeats the same host on a fresh connection.
-        if !std::mem::take(&mut ctx.attempts.transparent) {
-            ctx.attempts.count += 1;
-            if ctx.attempts.count > 1 {
-                tokio::time::sleep(ctx.attempts.backoff(Instant::now())).await;
-                let Some(host) = ctx.attempts.pick_for_retry(&cluster, ctx.hash) else {
-                    return Err(Error::explain(NO_HOST, "no host for the retry"));
-                };
-                ctx.active = Some(host.start_request());
-                ctx.host = Some(host);
-            }
-        }
-        let Some(host) = ctx.host.clone() else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "no upstream chosen",
-            ));
-        };
-        let now = Instant::now();
-        if ctx.attempts.avoids_previous_hosts() {
-            ctx.attempts.tried.push(host.address);
-        }
-        ctx.attempts.try_deadline = ctx.attempts.per_try_timeout().map(|t| now + t);
-        let route_idle = ctx.matched().and_then(|m| match &m.route.action {
-            Action::Forward(a) => a.idle_timeout,
-            _ => None,
-        });
-        let mut peer = upstream::peer(&cluster, &host, session);
-        match &cluster.tokio_connect {
+        let next = next_attempt(ctx).await?;
+        let mut peer = upstream::peer(&next.cluster, &next.host, session);
+        match &next.cluster.tokio_connect {
             Some(connect) => peer.options.custom_l4 = Some(connect.clone()),
-            None => peer.options.connection_timeout = Some(cluster.connect_timeout),
+            None => peer.options.connection_timeout = Some(next.cluster.connect_timeout),
         }
-        peer.options.idle_timeout = Some(cluster.idle_timeout);
-        peer.options.read_timeout = if ctx.upgrade {
-            // The route timeout starts when the request ends, which an upgraded one never
-            // does (Envoy); the stream idle timeout bounds a silent tunnel instead.
-            Some(STREAM_IDLE_TIMEOUT)
-        } else {
-            ctx.attempts.read_timeout(now, route_idle)
-        };
+        peer.options.idle_timeout = Some(next.cluster.idle_timeout);
+        peer.options.read_timeout = next.read_timeout;
         Ok(Box::new(peer))
     }
 
@@ -370,26 +238,8 @@ impl ProxyHttp for LegateProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.attempts.last_failure = Some(match e.etype() {
-            ErrorType::ConnectTimedout => "connection timeout",
-            ErrorType::ConnectRefused => "remote connection failure, transport failure reason: delayed connect error: Connection refused",
-            _ => "remote connection failure",
-        });
-        if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
-            c.record_outcome(h, Outcome::LocalFailure);
-            c.stats
-                .upstream_cx_connect_fail
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
         let replayable = !session.as_ref().retry_buffer_truncated();
-        let retry = ctx.attempts.take_retry(
-            Failure::ConnectFailure,
-            replayable,
-            Instant::now(),
-            breaker.as_ref(),
-        );
-        count_retry(ctx, retry);
+        let retry = connect_failed(ctx, e.etype(), replayable);
         e.set_retry(retry);
         e
     }
@@ -404,36 +254,7 @@ impl ProxyHttp for LegateProxy {
         // An HTTP/2 request without END_STREAM on its headers has a body to come, with or
         // without content-length (HTTP/1 framing is read from the headers instead).
         let body_follows = session.is_http2() && !session.as_downstream_mut().is_body_empty();
-        let (Some(m), Some(hcm)) = (ctx.matched(), ctx.hcm()) else {
-            return Ok(());
-        };
-        let fmt = FormatContext {
-            remote: ctx.remote,
-            local: ctx.local,
-            protocol: ctx.protocol,
-            request_headers: Some(&session.req_header().headers),
-        };
-        let now = Instant::now();
-        // Envoy tells the upstream the time it has: the per-try timeout, else what is left
-        // of the route timeout.
-        let expected = ctx.attempts.expected_timeout(now);
-        upstream::finalize_request(
-            upstream_request,
-            upstream::Framing {
-                body_follows,
-                upgrade: ctx.upgrade,
-            },
-            m,
-            ctx.weighted,
-            hcm,
-            ctx.host.as_deref(),
-            &fmt,
-        );
-        upstream::set_router_headers(upstream_request, m, hcm, ctx.attempts.count, expected);
-        ctx.upstream_started = Some(now);
-        if let Some(c) = &ctx.cluster {
-            c.stats.upstream_rq_total.fetch_add(1, Ordering::Relaxed);
-        }
+        prepare_upstream_request(ctx, session.req_header(), body_follows, upstream_request);
         Ok(())
     }
 
@@ -446,35 +267,8 @@ impl ProxyHttp for LegateProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let status = upstream_response.status.as_u16();
-        if status >= 200 {
-            if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
-                c.record_outcome(h, Outcome::Status(status));
-                let took = ctx.upstream_started.map_or(Duration::ZERO, |t| t.elapsed());
-                c.stats.response(status, took);
-            }
-            let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
-            let replayable = !session.as_ref().retry_buffer_truncated();
-            let failure = Failure::Response(status, &upstream_response.headers);
-            let retry =
-                ctx.attempts
-                    .take_retry(failure, replayable, Instant::now(), breaker.as_ref());
-            count_retry(ctx, retry);
-            if retry {
-                let mut e =
-                    Error::explain(RETRY_ON_RESPONSE, format!("upstream answered {status}"));
-                e.set_retry(true);
-                return Err(e);
-            }
-        }
-        if ctx
-            .matched()
-            .is_some_and(|m| m.virtual_host.include_attempt_count_in_response)
-        {
-            upstream_response
-                .insert_header("x-envoy-attempt-count", ctx.attempts.count.to_string())?;
-        }
-        Ok(())
+        let replayable = !session.as_ref().retry_buffer_truncated();
+        upstream_response_received(ctx, upstream_response, replayable)
     }
 
     /// Response header edits, `server`, and `x-envoy-upstream-service-time`. From here on
@@ -485,20 +279,7 @@ impl ProxyHttp for LegateProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.attempts.response_started = true;
-        if let Some(clock) = crate::io::request_clock(session) {
-            clock.request_done();
-        }
-        let Some(hcm) = ctx.hcm() else { return Ok(()) };
-        upstream::strip_hop_by_hop_response(upstream_response);
-        if !hcm.filters.router.suppress_envoy_headers {
-            if let Some(start) = ctx.upstream_started {
-                let ms = start.elapsed().as_millis().to_string();
-                upstream_response.insert_header("x-envoy-upstream-service-time", ms)?;
-            }
-        }
-        finish_response_headers(upstream_response, ctx);
-        Ok(())
+        prepare_response(ctx, request_clock(session), upstream_response)
     }
 
     /// A failure after connecting: retried when the policy covers it and nothing has gone
@@ -511,49 +292,9 @@ impl ProxyHttp for LegateProxy {
         ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut e = e.more_context(format!("peer: {peer}"));
-        if e.etype() == &RETRY_ON_RESPONSE {
-            return e;
-        }
-        let now = Instant::now();
+        let e = e.more_context(format!("peer: {peer}"));
         let replayable = !session.as_ref().retry_buffer_truncated();
-        let failure = if e.etype() == &ErrorType::ReadTimedout {
-            if ctx.attempts.global_expired(now) || !ctx.attempts.try_expired(now) {
-                e.set_retry(false);
-                return e;
-            }
-            ctx.attempts.last_failure = Some("per-try timeout");
-            if let Some(c) = &ctx.cluster {
-                c.stats
-                    .upstream_rq_per_try_timeout
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Failure::PerTryTimeout
-        } else {
-            ctx.attempts.last_failure = Some("connection termination");
-            Failure::Reset
-        };
-        let stale_pooled = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
-        if !stale_pooled && e.esource() == &ErrorSource::Upstream {
-            if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
-                c.record_outcome(h, Outcome::LocalFailure);
-            }
-        }
-        let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
-        let taken = ctx
-            .attempts
-            .take_retry(failure, replayable, now, breaker.as_ref());
-        count_retry(ctx, taken);
-        let retry = if taken {
-            true
-        } else if stale_pooled && replayable && !ctx.attempts.response_started {
-            ctx.attempts.transparent = true;
-            true
-        } else {
-            false
-        };
-        e.set_retry(retry);
-        e
+        proxy_error(ctx, e, replayable, client_reused)
     }
 
     /// Upstream failures as Envoy reports them: 503 on connect failure or reset, 504 on
@@ -564,29 +305,8 @@ impl ProxyHttp for LegateProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let timed_out = crate::io::request_clock(session)
-            .is_some_and(|c| c.expired() == Some(crate::io::Expired::Request));
-        let reply = if timed_out {
-            Some(LocalReply::new(408, "request timeout"))
-        } else {
-            error_reply(e, &ctx.attempts)
-        };
-        let code = reply.as_ref().map_or(0, |r| r.status);
-        ctx.flags = response_flag(e, code);
-        if code == 504 {
-            if let Some(c) = &ctx.cluster {
-                c.stats.upstream_rq_timeout.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(reply) = reply {
-            if session.response_written().is_none() {
-                if let Err(err) = send_local_reply(session, ctx, reply).await {
-                    log::debug!("cannot send error response downstream: {err}");
-                }
-            }
-        }
         FailToProxy {
-            error_code: code,
+            error_code: answer_failure(session, e, ctx).await,
             can_reuse_downstream: false,
         }
     }
@@ -609,41 +329,524 @@ impl ProxyHttp for LegateProxy {
         true
     }
 
-    /// Releases the host's active-request count.
+    /// Stats, the access log, and the host's active-request count.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        if ctx.counted_stream {
-            if let Some(info) = crate::io::connection_info(session) {
-                let ms = info.accepted.elapsed().as_millis() as u64;
-                info.idle_since_ms.store(ms, Ordering::Relaxed);
-                info.streams.fetch_sub(1, Ordering::Relaxed);
+        finish_request(session, ctx);
+    }
+}
+
+/// The downstream half of a request as legate's request logic sees it, whichever HTTP
+/// engine carries it: Pingora's session, or legate's own HTTP/1 connection (`native`).
+#[allow(async_fn_in_trait)]
+pub(crate) trait Client {
+    /// The listener's address the connection came in on.
+    fn local_addr(&self) -> Option<SocketAddr>;
+    fn remote_addr(&self) -> Option<SocketAddr>;
+    /// What the accept path decided (filter chain, TLS, limits), where it kept anything.
+    fn connection(&self) -> Option<&crate::io::ConnectionInfo>;
+    fn is_http2(&self) -> bool;
+    /// Pingora's keep-alive switch: None closes after this response, `Some(0)` keeps the
+    /// connection without a time limit, `Some(s)` for `s` idle seconds.
+    fn set_keepalive(&mut self, seconds: Option<u64>);
+    fn req_header(&self) -> &pingora::http::RequestHeader;
+    fn req_header_mut(&mut self) -> &mut pingora::http::RequestHeader;
+    /// Keep the request body so that a retry can replay it.
+    fn enable_retry_buffering(&mut self);
+    /// Whether the request body has been read in full.
+    fn request_body_done(&mut self) -> bool;
+    fn response_written(&self) -> Option<&ResponseHeader>;
+    fn body_bytes_read(&self) -> usize;
+    fn body_bytes_sent(&self) -> usize;
+    async fn write_reply(&mut self, resp: ResponseHeader, body: Option<Bytes>) -> Result<()>;
+}
+
+impl Client for Session {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.server_addr().and_then(|a| a.as_inet()).copied()
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        self.client_addr().and_then(|a| a.as_inet()).copied()
+    }
+    fn connection(&self) -> Option<&crate::io::ConnectionInfo> {
+        crate::io::connection_info(self)
+    }
+    fn is_http2(&self) -> bool {
+        self.as_downstream().is_http2()
+    }
+    fn set_keepalive(&mut self, seconds: Option<u64>) {
+        self.as_downstream_mut().set_keepalive(seconds)
+    }
+    fn req_header(&self) -> &pingora::http::RequestHeader {
+        self.as_downstream().req_header()
+    }
+    fn req_header_mut(&mut self) -> &mut pingora::http::RequestHeader {
+        self.as_downstream_mut().req_header_mut()
+    }
+    fn enable_retry_buffering(&mut self) {
+        self.as_downstream_mut().enable_retry_buffering()
+    }
+    fn request_body_done(&mut self) -> bool {
+        self.as_downstream_mut().is_body_done()
+    }
+    fn response_written(&self) -> Option<&ResponseHeader> {
+        self.as_downstream().response_written()
+    }
+    fn body_bytes_read(&self) -> usize {
+        self.as_downstream().body_bytes_read()
+    }
+    fn body_bytes_sent(&self) -> usize {
+        self.as_downstream().body_bytes_sent()
+    }
+    async fn write_reply(&mut self, resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+        let end = body.is_none();
+        self.write_response_header(Box::new(resp), end).await?;
+        if let Some(body) = body {
+            self.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+fn request_clock<C: Client>(client: &C) -> Option<&crate::io::RequestClock> {
+    client.connection()?.clock.as_deref()
+}
+
+/// Where and how long the next try goes.
+pub(crate) struct NextAttempt {
+    pub cluster: Arc<Cluster>,
+    pub host: Arc<Host>,
+    /// The upstream read timeout for this try.
+    pub read_timeout: Option<Duration>,
+}
+
+/// The endpoint for this try: the one routing chose, or after a failure another one,
+/// after the retry back-off. The read timeout comes from the route and the retry policy.
+pub(crate) async fn next_attempt(ctx: &mut RequestCtx) -> Result<NextAttempt> {
+    let Some(cluster) = ctx.cluster.clone() else {
+        return Err(Error::explain(
+            ErrorType::InternalError,
+            "no upstream chosen",
+        ));
+    };
+    // A transparent retry repeats the same host on a fresh connection.
+    if !std::mem::take(&mut ctx.attempts.transparent) {
+        ctx.attempts.count += 1;
+        if ctx.attempts.count > 1 {
+            tokio::time::sleep(ctx.attempts.backoff(Instant::now())).await;
+            let Some(host) = ctx.attempts.pick_for_retry(&cluster, ctx.hash) else {
+                return Err(Error::explain(NO_HOST, "no host for the retry"));
+            };
+            ctx.active = Some(host.start_request());
+            ctx.host = Some(host);
+        }
+    }
+    let Some(host) = ctx.host.clone() else {
+        return Err(Error::explain(
+            ErrorType::InternalError,
+            "no upstream chosen",
+        ));
+    };
+    let now = Instant::now();
+    if ctx.attempts.avoids_previous_hosts() {
+        ctx.attempts.tried.push(host.address);
+    }
+    ctx.attempts.try_deadline = ctx.attempts.per_try_timeout().map(|t| now + t);
+    let route_idle = ctx.matched().and_then(|m| match &m.route.action {
+        Action::Forward(a) => a.idle_timeout,
+        _ => None,
+    });
+    let read_timeout = if ctx.upgrade {
+        // The route timeout starts when the request ends, which an upgraded one never
+        // does (Envoy); the stream idle timeout bounds a silent tunnel instead.
+        Some(STREAM_IDLE_TIMEOUT)
+    } else {
+        ctx.attempts.read_timeout(now, route_idle)
+    };
+    Ok(NextAttempt {
+        cluster,
+        host,
+        read_timeout,
+    })
+}
+
+/// A failed connect: counted, and retried when the retry policy covers it (never
+/// otherwise, as in Envoy). True to retry.
+pub(crate) fn connect_failed(ctx: &mut RequestCtx, etype: &ErrorType, replayable: bool) -> bool {
+    ctx.attempts.last_failure = Some(match etype {
+        ErrorType::ConnectTimedout => "connection timeout",
+        ErrorType::ConnectRefused => "remote connection failure, transport failure reason: delayed connect error: Connection refused",
+        _ => "remote connection failure",
+    });
+    if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+        c.record_outcome(h, Outcome::LocalFailure);
+        c.stats
+            .upstream_cx_connect_fail
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
+    let retry = ctx.attempts.take_retry(
+        Failure::ConnectFailure,
+        replayable,
+        Instant::now(),
+        breaker.as_ref(),
+    );
+    count_retry(ctx, retry);
+    retry
+}
+
+/// Rewrites and header edits the route asks for, and Envoy's router headers, on the
+/// request about to go upstream (a copy of the downstream one).
+pub(crate) fn prepare_upstream_request(
+    ctx: &mut RequestCtx,
+    downstream: &pingora::http::RequestHeader,
+    body_follows: bool,
+    upstream_request: &mut pingora::http::RequestHeader,
+) {
+    let (Some(m), Some(hcm)) = (ctx.matched(), ctx.hcm()) else {
+        return;
+    };
+    let fmt = FormatContext {
+        remote: ctx.remote,
+        local: ctx.local,
+        protocol: ctx.protocol,
+        request_headers: Some(&downstream.headers),
+    };
+    let now = Instant::now();
+    // Envoy tells the upstream the time it has: the per-try timeout, else what is left
+    // of the route timeout.
+    let expected = ctx.attempts.expected_timeout(now);
+    upstream::finalize_request(
+        upstream_request,
+        upstream::Framing {
+            body_follows,
+            upgrade: ctx.upgrade,
+        },
+        m,
+        ctx.weighted,
+        hcm,
+        ctx.host.as_deref(),
+        &fmt,
+    );
+    upstream::set_router_headers(upstream_request, m, hcm, ctx.attempts.count, expected);
+    ctx.upstream_started = Some(now);
+    if let Some(c) = &ctx.cluster {
+        c.stats.upstream_rq_total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An upstream response's head: counted, and turned into a retry (an error whose retry
+/// flag is set) when the retry policy covers it; that response never reaches the client.
+pub(crate) fn upstream_response_received(
+    ctx: &mut RequestCtx,
+    upstream_response: &mut ResponseHeader,
+    replayable: bool,
+) -> Result<()> {
+    let status = upstream_response.status.as_u16();
+    if status >= 200 {
+        if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+            c.record_outcome(h, Outcome::Status(status));
+            let took = ctx.upstream_started.map_or(Duration::ZERO, |t| t.elapsed());
+            c.stats.response(status, took);
+        }
+        let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
+        let failure = Failure::Response(status, &upstream_response.headers);
+        let retry = ctx
+            .attempts
+            .take_retry(failure, replayable, Instant::now(), breaker.as_ref());
+        count_retry(ctx, retry);
+        if retry {
+            let mut e = Error::explain(RETRY_ON_RESPONSE, format!("upstream answered {status}"));
+            e.set_retry(true);
+            return Err(e);
+        }
+    }
+    if ctx
+        .matched()
+        .is_some_and(|m| m.virtual_host.include_attempt_count_in_response)
+    {
+        upstream_response.insert_header("x-envoy-attempt-count", ctx.attempts.count.to_string())?;
+    }
+    Ok(())
+}
+
+/// Response header edits, `server`, and `x-envoy-upstream-service-time`. From here on the
+/// response belongs to the client and nothing is retried.
+pub(crate) fn prepare_response(
+    ctx: &mut RequestCtx,
+    clock: Option<&crate::io::RequestClock>,
+    upstream_response: &mut ResponseHeader,
+) -> Result<()> {
+    ctx.attempts.response_started = true;
+    if let Some(clock) = clock {
+        clock.request_done();
+    }
+    let Some(hcm) = ctx.hcm() else { return Ok(()) };
+    upstream::strip_hop_by_hop_response(upstream_response);
+    if !hcm.filters.router.suppress_envoy_headers {
+        if let Some(start) = ctx.upstream_started {
+            let ms = start.elapsed().as_millis().to_string();
+            upstream_response.insert_header("x-envoy-upstream-service-time", ms)?;
+        }
+    }
+    finish_response_headers(upstream_response, ctx);
+    Ok(())
+}
+
+/// A failure after connecting: retried when the policy covers it and nothing has gone
+/// downstream; a pooled connection found closed is retried transparently.
+pub(crate) fn proxy_error(
+    ctx: &mut RequestCtx,
+    mut e: Box<Error>,
+    replayable: bool,
+    client_reused: bool,
+) -> Box<Error> {
+    if e.etype() == &RETRY_ON_RESPONSE {
+        return e;
+    }
+    let now = Instant::now();
+    let failure = if e.etype() == &ErrorType::ReadTimedout {
+        if ctx.attempts.global_expired(now) || !ctx.attempts.try_expired(now) {
+            e.set_retry(false);
+            return e;
+        }
+        ctx.attempts.last_failure = Some("per-try timeout");
+        if let Some(c) = &ctx.cluster {
+            c.stats
+                .upstream_rq_per_try_timeout
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Failure::PerTryTimeout
+    } else {
+        ctx.attempts.last_failure = Some("connection termination");
+        Failure::Reset
+    };
+    let stale_pooled = matches!(e.retry, RetryType::ReusedOnly) && client_reused;
+    if !stale_pooled && e.esource() == &ErrorSource::Upstream {
+        if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+            c.record_outcome(h, Outcome::LocalFailure);
+        }
+    }
+    let breaker = ctx.cluster.as_ref().map(|c| c.circuit.clone());
+    let taken = ctx
+        .attempts
+        .take_retry(failure, replayable, now, breaker.as_ref());
+    count_retry(ctx, taken);
+    let retry = if taken {
+        true
+    } else if stale_pooled && replayable && !ctx.attempts.response_started {
+        ctx.attempts.transparent = true;
+        true
+    } else {
+        false
+    };
+    e.set_retry(retry);
+    e
+}
+
+/// Answers a request that failed upstream as Envoy does (503 on connect failure or reset,
+/// 504 on the route or last per-try timeout) unless a response has started; the status
+/// sent, or 0.
+pub(crate) async fn answer_failure<C: Client>(
+    session: &mut C,
+    e: &Error,
+    ctx: &mut RequestCtx,
+) -> u16 {
+    let timed_out =
+        request_clock(session).is_some_and(|c| c.expired() == Some(crate::io::Expired::Request));
+    let reply = if timed_out {
+        Some(LocalReply::new(408, "request timeout"))
+    } else {
+        error_reply(e, &ctx.attempts)
+    };
+    let code = reply.as_ref().map_or(0, |r| r.status);
+    ctx.flags = response_flag(e, code);
+    if code == 504 {
+        if let Some(c) = &ctx.cluster {
+            c.stats.upstream_rq_timeout.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(reply) = reply {
+        if session.response_written().is_none() {
+            if let Err(err) = send_local_reply(session, ctx, reply).await {
+                log::debug!("cannot send error response downstream: {err}");
             }
         }
-        if let Some(clock) = crate::io::request_clock(session) {
-            clock.next_request();
-            // The clock cannot tell a drained body's bytes from the next request's; Envoy
-            // closes an HTTP/1 connection whose request was not read in full anyway.
-            if !session.is_http2() && !session.as_downstream_mut().is_body_done() {
-                session.set_keepalive(None);
-            }
+    }
+    code
+}
+
+/// The end of a request: stats, the access log, and the host's active-request count.
+pub(crate) fn finish_request<C: Client>(session: &mut C, ctx: &mut RequestCtx) {
+    if ctx.counted_stream {
+        if let Some(info) = session.connection() {
+            let ms = info.accepted.elapsed().as_millis() as u64;
+            info.idle_since_ms.store(ms, Ordering::Relaxed);
+            info.streams.fetch_sub(1, Ordering::Relaxed);
         }
-        if let (Some(hcm), Some(started)) = (ctx.hcm(), ctx.started) {
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            if status > 0 {
-                hcm.stats.response(status, started.elapsed());
-            }
-            if !hcm.access_logs.is_empty() {
-                let record = access_record(session, ctx, status, started.elapsed());
-                crate::access_log::log(&hcm.access_logs, record);
-            }
+    }
+    if let Some(clock) = request_clock(session) {
+        clock.next_request();
+        // The clock cannot tell a drained body's bytes from the next request's; Envoy
+        // closes an HTTP/1 connection whose request was not read in full anyway.
+        if !session.is_http2() && !session.request_body_done() {
+            session.set_keepalive(None);
         }
-        ctx.active = None;
-        ctx.request_slot = None;
+    }
+    if let (Some(hcm), Some(started)) = (ctx.hcm(), ctx.started) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if status > 0 {
+            hcm.stats.response(status, started.elapsed());
+        }
+        if !hcm.access_logs.is_empty() {
+            let record = access_record(session, ctx, status, started.elapsed());
+            crate::access_log::log(&hcm.access_logs, record);
+        }
+    }
+    ctx.active = None;
+    ctx.request_slot = None;
+}
+
+/// The request phase of `request_filter`, for either engine: loads the snapshot, applies
+/// the HCM's header rules and filters, routes the request, and answers locally (direct
+/// response, redirect, 404, 503) when it does not forward. True when it answered.
+pub(crate) async fn handle_request<C: Client>(
+    snapshot: Arc<Snapshot>,
+    session: &mut C,
+    ctx: &mut RequestCtx,
+) -> Result<bool> {
+    let local = session.local_addr();
+    let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
+        send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;
+        return Ok(true);
+    };
+    ctx.chain = session.connection().map_or(0, |i| i.chain);
+    if session.is_http2() {
+        if let Some(info) = session.connection() {
+            info.streams.fetch_add(1, Ordering::Relaxed);
+            ctx.counted_stream = true;
+        }
+    }
+    if let Some(clock) = request_clock(session) {
+        clock.headers_done();
+    }
+    ctx.protocol = if session.is_http2() {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    };
+    let Some(chain) = listener.chains.get(ctx.chain) else {
+        send_local_reply(session, ctx, LocalReply::new(503, "listener changed")).await?;
+        return Ok(true);
+    };
+    ctx.snapshot = Some(snapshot);
+    ctx.started = Some(Instant::now());
+    if !chain.hcm.access_logs.is_empty() {
+        ctx.start_time = Some(std::time::SystemTime::now());
+    }
+    ctx.listener = Some(listener.clone());
+    let hcm = &listener.chains[ctx.chain].hcm;
+    hcm.stats
+        .downstream_rq_total
+        .fetch_add(1, Ordering::Relaxed);
+    // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
+    session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
+    if let Some(reply) = apply_connection_limits(session, hcm) {
+        send_local_reply(session, ctx, reply).await?;
+        return Ok(true);
+    }
+    if session.req_header().version == http::Version::HTTP_10 {
+        // Envoy's default (`accept_http_10: false`): 426 and close.
+        session.set_keepalive(None);
+        send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
+        return Ok(true);
+    }
+    ctx.remote = session.remote_addr();
+    ctx.local = local;
+    let scheme = match session.connection().and_then(|i| i.tls.as_ref()) {
+        Some(_) => "https",
+        None => "http",
+    };
+    if let Some(kind) = downstream::requested_upgrade(session.req_header()) {
+        if !hcm.upgrades.contains(&kind) {
+            // Envoy refuses an upgrade the connection manager does not allow.
+            send_local_reply(session, ctx, LocalReply::new(403, "")).await?;
+            return Ok(true);
+        }
+        ctx.upgrade = true;
+    }
+    let ds = downstream::mutate_request_headers(
+        hcm,
+        session.req_header_mut(),
+        ctx.remote.map(|a| a.ip()),
+        listener.address.port(),
+        scheme,
+        ctx.upgrade,
+    );
+    ctx.request_id = ds.request_id;
+    ctx.client_ip = ds.remote;
+    // Routing is decided first so that filters know the route (as Envoy's filters see
+    // the cached route); it is acted on after them.
+    let unroutable = find_route(session.req_header(), ctx, &listener);
+    ctx.filter_state = hcm
+        .filters
+        .filters
+        .iter()
+        .map(|_| Default::default())
+        .collect();
+    for (i, f) in hcm.filters.filters.iter().enumerate() {
+        let cx = filter_context(ctx, i, &f.name);
+        let reply = match f.filter.on_request_headers(session.req_header_mut(), &cx) {
+            FilterDecision::Continue => continue,
+            FilterDecision::Respond { status, body } => LocalReply::new(status, body),
+            FilterDecision::RespondWithHeaders { status, headers } => {
+                let mut reply = LocalReply::new(status, Bytes::new());
+                reply.filter_headers = headers;
+                reply
+            }
+        };
+        send_local_reply(session, ctx, reply).await?;
+        return Ok(true);
+    }
+    if let Some(reply) = unroutable {
+        send_local_reply(session, ctx, reply).await?;
+        return Ok(true);
+    }
+    match decide(session.req_header(), ctx, &listener) {
+        Decision::Reply(reply) => {
+            send_local_reply(session, ctx, reply).await?;
+            Ok(true)
+        }
+        Decision::Forward {
+            cluster,
+            host,
+            weighted,
+            timeout,
+            hash,
+        } => {
+            let Some(slot) = cluster.circuit.try_request() else {
+                cluster
+                    .stats
+                    .upstream_rq_pending_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+                ctx.flags = "UO";
+                send_local_reply(session, ctx, overflow_reply()).await?;
+                return Ok(true);
+            };
+            ctx.request_slot = Some(slot);
+            ctx.active = Some(host.start_request());
+            ctx.host = Some(host);
+            ctx.cluster = Some(cluster);
+            ctx.weighted = weighted;
+            ctx.hash = hash;
+            start_attempts(session, ctx, timeout);
+            Ok(false)
+        }
     }
 }
 
 /// What the access log needs from a finished request.
-fn access_record(
-    session: &Session,
+fn access_record<C: Client>(
+    session: &C,
     ctx: &RequestCtx,
     status: u16,
     duration: Duration,
@@ -688,7 +891,7 @@ fn access_record(
 
 /// Sets up retries and deadlines: the route's (or virtual host's) retry policy with the
 /// `x-envoy-*` request headers applied, and body buffering so a retry can replay it.
-fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<Duration>) {
+fn start_attempts<C: Client>(session: &mut C, ctx: &mut RequestCtx, timeout: Option<Duration>) {
     let headers = &session.req_header().headers;
     let configured = ctx.matched().and_then(|m| match &m.route.action {
         Action::Forward(a) => a
@@ -715,7 +918,7 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
     }
     if policy.is_some() {
         // Keep the body (up to Pingora's 64 KiB retry buffer) so a retry can replay it.
-        session.as_downstream_mut().enable_retry_buffering();
+        session.enable_retry_buffering();
     }
     ctx.attempts = Attempts::new(policy, timeout, Instant::now());
 }
@@ -724,8 +927,8 @@ fn start_attempts(session: &mut Session, ctx: &mut RequestCtx, timeout: Option<D
 /// connection closes); the last request a connection may carry, by count or age, is
 /// answered with `connection: close`, and an idle connection waits no longer than its age
 /// allows.
-fn apply_connection_limits(
-    session: &mut Session,
+fn apply_connection_limits<C: Client>(
+    session: &mut C,
     hcm: &HttpConnectionManager,
 ) -> Option<LocalReply> {
     let req = session.req_header();
@@ -742,7 +945,7 @@ fn apply_connection_limits(
         session.set_keepalive(None);
         return Some(LocalReply::new(431, "Request Header Fields Too Large"));
     }
-    let info = crate::io::connection_info(session)?;
+    let info = session.connection()?;
     let n = info.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let age = info.accepted.elapsed();
     let last_by_count = hcm
@@ -833,8 +1036,10 @@ fn filter_context<'a>(ctx: &'a RequestCtx, index: usize, filter: &str) -> Filter
 }
 
 /// The request as route matching reads it; None without a Host.
-fn request_view<'a>(session: &'a Session, ctx: &RequestCtx) -> Option<RequestView<'a>> {
-    let req = session.req_header();
+fn request_view<'a>(
+    req: &'a pingora::http::RequestHeader,
+    ctx: &RequestCtx,
+) -> Option<RequestView<'a>> {
     let host = req
         .headers
         .get(http::header::HOST)
@@ -852,8 +1057,12 @@ fn request_view<'a>(session: &'a Session, ctx: &RequestCtx) -> Option<RequestVie
 }
 
 /// Matches the route (into `ctx.route`); a reply when the request cannot be routed at all.
-fn find_route(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Option<LocalReply> {
-    let Some(view) = request_view(session, ctx) else {
+fn find_route(
+    req: &pingora::http::RequestHeader,
+    ctx: &mut RequestCtx,
+    listener: &Listener,
+) -> Option<LocalReply> {
+    let Some(view) = request_view(req, ctx) else {
         return Some(LocalReply::new(400, "missing host header"));
     };
     let Some(chain) = listener.chains.get(ctx.chain) else {
@@ -864,9 +1073,12 @@ fn find_route(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> O
 }
 
 /// Picks the cluster and host for the matched route, or says what to answer instead.
-fn decide(session: &Session, ctx: &mut RequestCtx, listener: &Listener) -> Decision {
-    let req = session.req_header();
-    let Some(view) = request_view(session, ctx) else {
+fn decide(
+    req: &pingora::http::RequestHeader,
+    ctx: &mut RequestCtx,
+    listener: &Listener,
+) -> Decision {
+    let Some(view) = request_view(req, ctx) else {
         return Decision::Reply(LocalReply::new(400, "missing host header"));
     };
     let Some(chain) = listener.chains.get(ctx.chain) else {
@@ -970,12 +1182,12 @@ fn finish_response_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) {
     }
 }
 
-async fn send_local_reply(
-    session: &mut Session,
+async fn send_local_reply<C: Client>(
+    session: &mut C,
     ctx: &RequestCtx,
     reply: LocalReply,
 ) -> Result<()> {
-    if let Some(clock) = crate::io::request_clock(session) {
+    if let Some(clock) = request_clock(session) {
         clock.request_done();
     }
     let server = ctx.hcm().map_or("legate", |h| h.server_name.as_str());
@@ -984,12 +1196,8 @@ async fn send_local_reply(
     finish_response_headers(&mut resp, ctx);
     let no_body = head || reply.body.is_empty();
     session
-        .write_response_header(Box::new(resp), no_body)
-        .await?;
-    if !no_body {
-        session.write_response_body(Some(reply.body), true).await?;
-    }
-    Ok(())
+        .write_reply(resp, (!no_body).then_some(reply.body))
+        .await
 }
 
 /// Envoy's response flag for a request that failed upstream or downstream.

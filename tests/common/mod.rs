@@ -207,6 +207,15 @@ pub struct Legate {
     _dir: tempfile::TempDir,
 }
 
+/// `--engine X` when LEGATE_TEST_ENGINE=X: runs a suite through the other HTTP engine
+/// (`LEGATE_TEST_ENGINE=native cargo test`), which must answer as the default one does.
+pub fn engine_args() -> Vec<String> {
+    match std::env::var("LEGATE_TEST_ENGINE") {
+        Ok(e) if !e.is_empty() => vec!["--engine".into(), e],
+        _ => Vec::new(),
+    }
+}
+
 impl Legate {
     /// Writes `yaml` to a file, starts `legate -c` on it and waits until `wait_port` accepts.
     pub fn start(yaml: &str, wait_port: u16) -> Legate {
@@ -217,6 +226,7 @@ impl Legate {
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", "2", "--log-level", "warn"])
+            .args(engine_args())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -239,6 +249,11 @@ impl Legate {
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", "2", "--log-level", "warn"])
+            .args(if args.contains(&"--engine") {
+                Vec::new()
+            } else {
+                engine_args()
+            })
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

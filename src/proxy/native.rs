@@ -1,0 +1,961 @@
+//! legate's own HTTP/1.1 engine, for plaintext listeners (`--engine native`).
+//!
+//! Pingora's HTTP/1 proxy costs about twice a minimal Tokio proxy in CPU per request before
+//! any of legate's logic runs (benches/load, `--bare`): a session object and its buffers
+//! per request, a task and channels between the two halves of every exchange, a pool with
+//! an idle-watch task per released connection, a case-preserving header map, and futures
+//! large enough that moving them shows in profiles. This engine carries the common request
+//! itself, in one task per connection, and runs the same request logic (the functions the
+//! Pingora hooks call: routing, header rules, filters, retries, timeouts, stats, access
+//! log) so that both engines answer alike.
+//!
+//! It handles what it fully implements: HTTP/1.1 requests without a body or upgrade,
+//! forwarded to plaintext HTTP/1.1 clusters. Anything else (a request body, an upgrade,
+//! `Expect`, HTTP/1.0, a TLS or HTTP/2 cluster anywhere in the config, a head it cannot
+//! parse) hands the connection, with the bytes already read, to Pingora, which serves it
+//! from then on.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::{Error, ErrorType, Result, RetryType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{
+    answer_failure, connect_failed, filter_context, finish_request, handle_request, next_attempt,
+    prepare_response, prepare_upstream_request, proxy_error, upstream_response_received, Client,
+    RequestCtx,
+};
+use crate::snapshot::Snapshot;
+
+/// Larger request heads go to Pingora, which reads up to 1 MiB.
+const MAX_HEAD: usize = 64 * 1024;
+/// More headers than this go to Pingora (which takes 256; Envoy's default limit is 100).
+const MAX_HEADERS: usize = 128;
+/// Pingora's read timeout for a connection's first request head.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per upstream address and worker (Pingora's pool holds 128).
+const POOL_PER_ADDRESS: usize = 128;
+/// Response body bytes gathered before a write downstream.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// How a connection left the engine.
+pub(crate) enum Served {
+    /// Closed (by either side, by a limit, or at shutdown).
+    Closed,
+    /// Pingora takes over from here: the stream, and the bytes read from it but not served.
+    Handover(TcpStream, BytesMut),
+}
+
+/// Serves one plaintext HTTP/1 connection, request after request.
+pub(crate) async fn serve(
+    tcp: TcpStream,
+    local: SocketAddr,
+    remote: SocketAddr,
+    shared: Arc<ArcSwap<Snapshot>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Served {
+    let mut conn = Connection {
+        tcp,
+        input: BytesMut::with_capacity(4096),
+        output: BytesMut::with_capacity(4096),
+    };
+    // Between requests: None before the first; then the keep-alive limit, if any.
+    let mut idle: Option<Option<Duration>> = None;
+    loop {
+        let (head, len) = loop {
+            if !conn.input.is_empty() {
+                match parse_request(&conn.input) {
+                    Parsed::Complete(head, len) => break (head, len),
+                    Parsed::Partial if conn.input.len() < MAX_HEAD => {}
+                    _ => return Served::Handover(conn.tcp, conn.input),
+                }
+            }
+            let limit = idle.unwrap_or(Some(FIRST_REQUEST_TIMEOUT));
+            let between_requests = conn.input.is_empty();
+            let read = conn.tcp.read_buf(&mut conn.input);
+            let n = tokio::select! {
+                biased;
+                n = within(limit, read) => n,
+                // Pingora drops connections waiting for a request when the service stops.
+                _ = shutdown.wait_for(|down| *down), if between_requests => return Served::Closed,
+            };
+            match n {
+                Some(Ok(n)) if n > 0 => {}
+                _ => return Served::Closed,
+            }
+        };
+        let snapshot = shared.load_full();
+        if !snapshot.plain_upstreams {
+            return Served::Handover(conn.tcp, conn.input);
+        }
+        conn.input.advance(len);
+        let keepalive = if client_wants_close(&head) {
+            None
+        } else {
+            Some(0)
+        };
+        let mut client = NativeClient {
+            conn: &mut conn,
+            req: head,
+            local,
+            remote,
+            client_close: keepalive.is_none(),
+            keepalive,
+            response: None,
+            body_sent: 0,
+        };
+        if *shutdown.borrow() {
+            client.keepalive = None;
+        }
+        let mut ctx = RequestCtx::default();
+        let reusable = match handle_request(snapshot, &mut client, &mut ctx).await {
+            Ok(true) => true,
+            Ok(false) => proxy(&mut client, &mut ctx).await,
+            Err(e) => {
+                answer_failure(&mut client, &e, &mut ctx).await;
+                false
+            }
+        };
+        finish_request(&mut client, &mut ctx);
+        let keepalive = client.keepalive;
+        drop(ctx);
+        if !reusable || conn.flush().await.is_err() {
+            return Served::Closed;
+        }
+        match keepalive {
+            None => return Served::Closed,
+            Some(0) => idle = Some(None),
+            Some(s) => idle = Some(Some(Duration::from_secs(s))),
+        }
+    }
+}
+
+struct Connection {
+    tcp: TcpStream,
+    /// Read from the client and not yet served (a pipelined request's head, say).
+    input: BytesMut,
+    /// To be written to the client.
+    output: BytesMut,
+}
+
+impl Connection {
+    async fn flush(&mut self) -> Result<()> {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        let r = self.tcp.write_all(&self.output).await;
+        self.output.clear();
+        r.map_err(|e| Error::because(ErrorType::WriteError, "writing to the client", e).into_down())
+    }
+}
+
+/// One request's downstream side, as the request logic sees it.
+struct NativeClient<'c> {
+    conn: &'c mut Connection,
+    req: RequestHeader,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// The client sent `connection: close`: no keep-alive whatever the config says.
+    client_close: bool,
+    /// Pingora's keep-alive switch (see `Client::set_keepalive`).
+    keepalive: Option<u64>,
+    response: Option<ResponseHeader>,
+    body_sent: usize,
+}
+
+impl NativeClient<'_> {
+    /// What Pingora's HTTP/1 server adds to every final response (`date`, `connection`),
+    /// then the head on the wire.
+    fn put_head(&mut self, resp: &mut ResponseHeader) -> Result<()> {
+        if !resp.status.is_informational() {
+            resp.insert_header(
+                header::DATE,
+                pingora::protocols::http::date::get_cached_date(),
+            )?;
+            let connection = if self.keepalive.is_some() {
+                "keep-alive"
+            } else {
+                "close"
+            };
+            resp.insert_header(header::CONNECTION, connection)?;
+        }
+        let out = &mut self.conn.output;
+        out.put_slice(match resp.version {
+            Version::HTTP_10 => b"HTTP/1.0 ",
+            _ => b"HTTP/1.1 ",
+        });
+        out.put_slice(resp.status.as_str().as_bytes());
+        out.put_u8(b' ');
+        if let Some(reason) = resp.get_reason_phrase() {
+            out.put_slice(reason.as_bytes());
+        }
+        out.put_slice(b"\r\n");
+        resp.header_to_h1_wire(out);
+        out.put_slice(b"\r\n");
+        Ok(())
+    }
+}
+
+impl Client for NativeClient<'_> {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        Some(self.local)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.remote)
+    }
+    fn connection(&self) -> Option<&crate::io::ConnectionInfo> {
+        // Listeners whose connections need per-connection state stay on Pingora.
+        None
+    }
+    fn is_http2(&self) -> bool {
+        false
+    }
+    fn set_keepalive(&mut self, seconds: Option<u64>) {
+        self.keepalive = if self.client_close { None } else { seconds };
+    }
+    fn req_header(&self) -> &RequestHeader {
+        &self.req
+    }
+    fn req_header_mut(&mut self) -> &mut RequestHeader {
+        &mut self.req
+    }
+    fn enable_retry_buffering(&mut self) {
+        // No request body to keep: requests with one go to Pingora.
+    }
+    fn request_body_done(&mut self) -> bool {
+        true
+    }
+    fn response_written(&self) -> Option<&ResponseHeader> {
+        self.response.as_ref()
+    }
+    fn body_bytes_read(&self) -> usize {
+        0
+    }
+    fn body_bytes_sent(&self) -> usize {
+        self.body_sent
+    }
+    async fn write_reply(&mut self, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+        self.put_head(&mut resp)?;
+        if let Some(body) = body {
+            self.body_sent += body.len();
+            self.conn.output.put_slice(&body);
+        }
+        self.response = Some(resp);
+        self.conn.flush().await
+    }
+}
+
+// Made once per request and moved once; boxing the header would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Complete(RequestHeader, usize),
+    Partial,
+    /// Malformed, or something this engine leaves to Pingora.
+    Elsewhere,
+}
+
+/// Request headers whose presence sends the connection to Pingora: a body, an upgrade,
+/// `Expect`, or hop-by-hop fields this engine does not interpret.
+fn leaves_engine(name: &str, value: &[u8]) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    if is("content-length") {
+        return value.trim_ascii() != b"0";
+    }
+    if is("connection") {
+        // Only the keep-alive switch; a connection-nominated field list goes to Pingora,
+        // which strips the nominated fields.
+        return !value.split(|b| *b == b',').all(|t| {
+            let t = t.trim_ascii();
+            t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+        });
+    }
+    is("transfer-encoding")
+        || is("upgrade")
+        || is("expect")
+        || is("te")
+        || is("trailer")
+        || is("http2-settings")
+}
+
+fn parse_request(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Elsewhere,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Elsewhere;
+    };
+    // Origin-form targets only; CONNECT, absolute-form and `*` go to Pingora.
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::Elsewhere;
+    }
+    let Ok(mut head) =
+        RequestHeader::build_no_case(method, path.as_bytes(), Some(req.headers.len()))
+    else {
+        return Parsed::Elsewhere;
+    };
+    for h in req.headers.iter() {
+        if leaves_engine(h.name, h.value) {
+            return Parsed::Elsewhere;
+        }
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::Elsewhere;
+        };
+        if head.append_header(name, value).is_err() {
+            return Parsed::Elsewhere;
+        }
+    }
+    Parsed::Complete(head, len)
+}
+
+fn client_wants_close(req: &RequestHeader) -> bool {
+    req.headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// Runs `f` under an optional time limit; None when it ran out.
+async fn within<T>(limit: Option<Duration>, f: impl std::future::Future<Output = T>) -> Option<T> {
+    match limit {
+        Some(d) => tokio::time::timeout(d, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+/// Forwards the routed request, with retries; whether the client connection can carry
+/// another request afterwards.
+async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
+    // Filters see the end of the (empty) request body, as Pingora's body hook shows it.
+    if let Some(hcm) = ctx.hcm() {
+        for (i, f) in hcm.filters.filters.iter().enumerate() {
+            f.filter
+                .on_request_body(&mut None, true, &filter_context(ctx, i, &f.name));
+        }
+    }
+    loop {
+        let next = match next_attempt(ctx).await {
+            Ok(next) => next,
+            Err(e) => return failed(client, ctx, e).await,
+        };
+        let key = (next.cluster.pool_key, next.host.address);
+        let (mut upstream, reused) = match pool_take(key, next.cluster.idle_timeout) {
+            Some(s) => (s, true),
+            None => match connect(next.host.address, next.cluster.connect_timeout).await {
+                Ok(s) => (s, false),
+                Err(mut e) => {
+                    let retry = connect_failed(ctx, e.etype(), true);
+                    e.set_retry(retry);
+                    if retry {
+                        continue;
+                    }
+                    return failed(client, ctx, e).await;
+                }
+            },
+        };
+        match exchange(client, ctx, &mut upstream, next.read_timeout).await {
+            Ok(keep) => {
+                if keep {
+                    pool_put(key, upstream);
+                }
+                return true;
+            }
+            Err(e) => {
+                let e = e.more_context(format!("peer: {}", next.host.address));
+                let e = proxy_error(ctx, e, true, reused);
+                if matches!(e.retry, RetryType::Decided(true)) {
+                    continue;
+                }
+                return failed(client, ctx, e).await;
+            }
+        }
+    }
+}
+
+/// Answers a failed request as the Pingora path does; the connection then closes.
+async fn failed(client: &mut NativeClient<'_>, ctx: &mut RequestCtx, e: Box<Error>) -> bool {
+    answer_failure(client, &e, ctx).await;
+    false
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(Error::because(
+            crate::cluster::connect::connect_error_type(&e),
+            format!("Fail to connect to {addr}"),
+            e,
+        )),
+        Err(_) => Error::e_explain(
+            ErrorType::ConnectTimedout,
+            format!("timeout {timeout:?} connecting to server {addr}"),
+        ),
+    }
+}
+
+type PoolKey = (u64, SocketAddr);
+
+thread_local! {
+    /// Idle upstream connections of this worker (each worker is one thread with its own
+    /// runtime, so connections never cross threads), per cluster version and address.
+    static POOL: RefCell<HashMap<PoolKey, Vec<(TcpStream, Instant)>>> = RefCell::new(HashMap::new());
+}
+
+fn pool_take(key: PoolKey, idle_timeout: Duration) -> Option<TcpStream> {
+    POOL.with_borrow_mut(|pool| {
+        let idle = pool.get_mut(&key)?;
+        while let Some((stream, since)) = idle.pop() {
+            if since.elapsed() < idle_timeout && still_open(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    })
+}
+
+fn pool_put(key: PoolKey, stream: TcpStream) {
+    POOL.with_borrow_mut(|pool| {
+        let idle = pool.entry(key).or_default();
+        if idle.len() < POOL_PER_ADDRESS {
+            idle.push((stream, Instant::now()));
+        }
+    })
+}
+
+/// An idle connection the upstream has not closed: nothing to read on it (a read would
+/// block). Closed or sending unasked bytes, it is dropped.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// The hop-by-hop fields Pingora strips from every request it sends upstream.
+fn strip_hop_by_hop(req: &mut RequestHeader) {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "connection",
+    ] {
+        req.remove_header(name);
+    }
+}
+
+/// An I/O failure talking to the upstream; worth a transparent retry when the connection
+/// came from the pool (it may have been closed while idle).
+fn upstream_io(etype: ErrorType, context: &'static str, e: std::io::Error) -> Box<Error> {
+    let mut e = Error::because(etype, context, e).into_up();
+    e.retry = RetryType::ReusedOnly;
+    e
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+) -> Result<Framing> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::None);
+    }
+    if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+        let chunked = te
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => match std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(n) => Ok(Framing::Length(n)),
+            None => Error::e_explain(ErrorType::InvalidHTTPHeader, "invalid content-length")
+                .map_err(|e| e.into_up()),
+        },
+        None => Ok(Framing::UntilClose),
+    }
+}
+
+/// One try: the request head upstream, the response head back, then the body streamed
+/// to the client. Ok(true) when the upstream connection can be pooled again.
+async fn exchange(
+    client: &mut NativeClient<'_>,
+    ctx: &mut RequestCtx,
+    upstream: &mut TcpStream,
+    read_timeout: Option<Duration>,
+) -> Result<bool> {
+    let mut req = client.req.clone();
+    req.set_version(Version::HTTP_11);
+    strip_hop_by_hop(&mut req);
+    prepare_upstream_request(ctx, &client.req, false, &mut req);
+    let Some(wire) = pingora::protocols::http::v1::client::http_req_header_to_wire(&req) else {
+        return Error::e_explain(ErrorType::InvalidHTTPHeader, "request head")
+            .map_err(|e| e.into_in());
+    };
+    drop(req);
+    upstream
+        .write_all(&wire)
+        .await
+        .map_err(|e| upstream_io(ErrorType::WriteError, "writing request header", e))?;
+
+    let mut buf = BytesMut::with_capacity(4096);
+    let (mut resp, upstream_keepalive) = loop {
+        let parsed = if buf.is_empty() {
+            None
+        } else {
+            parse_response(&buf)?
+        };
+        let Some((resp, len, keepalive)) = parsed else {
+            if buf.len() > MAX_HEAD {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "response head too large")
+                    .map_err(|e| e.into_up());
+            }
+            read_upstream(
+                upstream,
+                &mut buf,
+                read_timeout,
+                "while reading response headers",
+            )
+            .await?;
+            continue;
+        };
+        buf.advance(len);
+        if resp.status.is_informational() {
+            if resp.status == StatusCode::SWITCHING_PROTOCOLS {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "101 without an upgrade")
+                    .map_err(|e| e.into_up());
+            }
+            // Interim responses nobody asked for (no `Expect` here) are dropped, as Envoy
+            // drops them (Pingora's path passes them on).
+            continue;
+        }
+        break (resp, keepalive);
+    };
+    let from_upstream = response_framing(&client.req.method, resp.status, &resp.headers)?;
+    upstream_response_received(ctx, &mut resp, true)?;
+    if from_upstream == Framing::UntilClose {
+        // As Pingora does: chunked, so that the client connection can be kept.
+        resp.set_version(Version::HTTP_11);
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    prepare_response(ctx, None, &mut resp)?;
+    let to_client = response_framing(&client.req.method, resp.status, &resp.headers)?;
+    if to_client == Framing::UntilClose {
+        client.keepalive = None;
+    }
+    client.put_head(&mut resp)?;
+    client.response = Some(resp);
+
+    let body_filters = ctx.hcm().is_some_and(|h| !h.filters.filters.is_empty());
+    let mut reader = BodyReader::new(from_upstream);
+    let mut writer = BodyWriter::new(to_client);
+    loop {
+        let mut data = reader.decode(&mut buf)?;
+        let done = reader.done();
+        if body_filters {
+            let mut chunk = (!data.is_empty()).then(|| Bytes::copy_from_slice(&data));
+            if let Some(hcm) = ctx.hcm() {
+                for (i, f) in hcm.filters.filters.iter().enumerate() {
+                    f.filter
+                        .on_response_body(&mut chunk, done, &filter_context(ctx, i, &f.name));
+                }
+            }
+            data = chunk.map(|c| BytesMut::from(&c[..])).unwrap_or_default();
+        }
+        client.body_sent += data.len();
+        writer.write(&mut client.conn.output, &data, done);
+        if done || client.conn.output.len() >= WRITE_CHUNK {
+            client.conn.flush().await?;
+        }
+        if done {
+            break;
+        }
+        if !client.conn.output.is_empty() {
+            // Stream what has arrived before waiting for more.
+            client.conn.flush().await?;
+        }
+        match read_upstream(
+            upstream,
+            &mut buf,
+            read_timeout,
+            "while reading response body",
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e) if e.etype() == &ErrorType::ConnectionClosed => {
+                if reader.framing == Framing::UntilClose {
+                    reader.closed = true;
+                    continue;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(upstream_keepalive && reader.framing != Framing::UntilClose && buf.is_empty())
+}
+
+/// Reads more of the upstream's response into `buf`.
+async fn read_upstream(
+    upstream: &mut TcpStream,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+    context: &'static str,
+) -> Result<()> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(16 * 1024);
+    }
+    match within(timeout, upstream.read_buf(buf)).await {
+        None => Error::e_explain(ErrorType::ReadTimedout, context).map_err(|e| e.into_up()),
+        Some(Ok(0)) => {
+            let mut e = Error::explain(ErrorType::ConnectionClosed, context).into_up();
+            e.retry = RetryType::ReusedOnly;
+            Err(e)
+        }
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(upstream_io(ErrorType::ReadError, context, e)),
+    }
+}
+
+/// A complete response head in `buf`: the header, its length, and whether the upstream
+/// keeps the connection open afterwards.
+fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(
+                Error::explain(ErrorType::InvalidHTTPHeader, format!("response head: {e}"))
+                    .into_up(),
+            )
+        }
+    };
+    let bad = |what: &str| {
+        Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            format!("response head: {what}"),
+        )
+        .into_up()
+    };
+    let code = resp.code.ok_or_else(|| bad("no status"))?;
+    let mut head =
+        ResponseHeader::build_no_case(code, Some(resp.headers.len())).map_err(|_| bad("status"))?;
+    let http10 = resp.version == Some(0);
+    if http10 {
+        head.set_version(Version::HTTP_10);
+    }
+    if let Some(reason) = resp.reason {
+        let canonical = head.status.canonical_reason();
+        if canonical != Some(reason) {
+            head.set_reason_phrase(Some(reason))
+                .map_err(|_| bad("reason phrase"))?;
+        }
+    }
+    let mut keepalive = !http10;
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+        if name == header::CONNECTION {
+            for t in value.as_bytes().split(|b| *b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    keepalive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    keepalive = true;
+                }
+            }
+        }
+        head.append_header(name, value).map_err(|_| bad("header"))?;
+    }
+    Ok(Some((head, len, keepalive)))
+}
+
+/// Takes body bytes off the front of the upstream buffer as the framing delimits them.
+struct BodyReader {
+    framing: Framing,
+    /// Bytes left in a length-delimited body, or in the current chunk.
+    left: u64,
+    state: ChunkState,
+    /// The upstream closed (ends an until-close body).
+    closed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data,
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl BodyReader {
+    fn new(framing: Framing) -> Self {
+        BodyReader {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            state: ChunkState::Size,
+            closed: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self.framing {
+            Framing::None => true,
+            Framing::Length(_) => self.left == 0,
+            Framing::Chunked => self.state == ChunkState::Done,
+            Framing::UntilClose => self.closed,
+        }
+    }
+
+    /// The body bytes now available; consumes them (and chunk framing) from `buf`.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<BytesMut> {
+        match self.framing {
+            Framing::None => Ok(BytesMut::new()),
+            Framing::Length(_) => {
+                let n = (self.left.min(buf.len() as u64)) as usize;
+                self.left -= n as u64;
+                Ok(buf.split_to(n))
+            }
+            Framing::UntilClose => Ok(buf.split()),
+            Framing::Chunked => self.decode_chunked(buf),
+        }
+    }
+
+    fn decode_chunked(&mut self, buf: &mut BytesMut) -> Result<BytesMut> {
+        let bad = || Error::explain(ErrorType::InvalidHTTPHeader, "chunked body").into_up();
+        let mut out = BytesMut::new();
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.len() > 4096 {
+                            return Err(bad());
+                        }
+                        return Ok(out);
+                    };
+                    let line = &buf[..end];
+                    let digits = line.split(|b| *b == b';').next().unwrap_or_default();
+                    let size = std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                        .ok_or_else(bad)?;
+                    buf.advance(end + 2);
+                    self.left = size;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data
+                    };
+                }
+                ChunkState::Data => {
+                    if buf.is_empty() {
+                        return Ok(out);
+                    }
+                    let n = (self.left.min(buf.len() as u64)) as usize;
+                    out.extend_from_slice(&buf.split_to(n));
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.state = ChunkState::DataEnd;
+                    }
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(out);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(bad());
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    // Trailers are dropped, as Pingora does on HTTP/1.
+                    let Some(end) = find_crlf(buf) else {
+                        return Ok(out);
+                    };
+                    buf.advance(end + 2);
+                    if end == 0 {
+                        self.state = ChunkState::Done;
+                    }
+                }
+                ChunkState::Done => return Ok(out),
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Frames body bytes for the client.
+struct BodyWriter {
+    framing: Framing,
+    /// Bytes still allowed in a length-delimited body (Pingora drops any excess).
+    left: u64,
+}
+
+impl BodyWriter {
+    fn new(framing: Framing) -> Self {
+        BodyWriter {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+        }
+    }
+
+    fn write(&mut self, out: &mut BytesMut, data: &[u8], end: bool) {
+        match self.framing {
+            Framing::None => {}
+            Framing::Length(_) => {
+                let n = (self.left.min(data.len() as u64)) as usize;
+                out.put_slice(&data[..n]);
+                self.left -= n as u64;
+            }
+            Framing::UntilClose => out.put_slice(data),
+            Framing::Chunked => {
+                if !data.is_empty() {
+                    use std::fmt::Write;
+                    let _ = write!(out, "{:X}\r\n", data.len());
+                    out.put_slice(data);
+                    out.put_slice(b"\r\n");
+                }
+                if end {
+                    out.put_slice(b"0\r\n\r\n");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Parsed {
+        parse_request(raw.as_bytes())
+    }
+
+    #[test]
+    fn simple_requests_stay_and_the_rest_go_to_pingora() {
+        assert!(matches!(
+            head("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"),
+            Parsed::Complete(_, _)
+        ));
+        assert!(matches!(
+            head("GET /a HTTP/1.1\r\nHost: x\r\n"),
+            Parsed::Partial
+        ));
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(matches!(head(raw), Parsed::Elsewhere), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads() {
+        let mut r = BodyReader::new(Framing::Chunked);
+        let mut got = Vec::new();
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let mut buf = BytesMut::new();
+        for b in wire.iter() {
+            buf.put_u8(*b);
+            got.extend_from_slice(&r.decode(&mut buf).expect("valid chunked body"));
+        }
+        assert_eq!(got, b"hello world");
+        assert!(r.done());
+        assert!(buf.is_empty());
+        let mut bad = BytesMut::from(&b"zz\r\n"[..]);
+        assert!(BodyReader::new(Framing::Chunked).decode(&mut bad).is_err());
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let mut h = http::HeaderMap::new();
+        let get = Method::GET;
+        assert_eq!(
+            response_framing(&get, StatusCode::OK, &h).ok(),
+            Some(Framing::UntilClose)
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        assert_eq!(
+            response_framing(&get, StatusCode::OK, &h).ok(),
+            Some(Framing::Length(12))
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert_eq!(
+            response_framing(&get, StatusCode::OK, &h).ok(),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            response_framing(&Method::HEAD, StatusCode::OK, &h).ok(),
+            Some(Framing::None)
+        );
+        assert_eq!(
+            response_framing(&get, StatusCode::NOT_MODIFIED, &h).ok(),
+            Some(Framing::None)
+        );
+    }
+}
