@@ -43,6 +43,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Pingora's read timeout for a connection's first request head.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Larger request bodies go to Pingora, which streams them. Pingora keeps this much of a
+/// body for replay on a retry; a body the engine takes is read whole before it is sent, so
+/// every try can replay it.
+const MAX_BODY: u64 = 64 * 1024;
 /// Idle connections kept per upstream address and worker (Pingora's pool holds 128).
 const POOL_PER_ADDRESS: usize = 128;
 /// Response body bytes gathered before a write downstream.
@@ -72,15 +76,23 @@ pub(crate) async fn serve(
     // Between requests: None before the first; then the keep-alive limit, if any.
     let mut idle: Option<Option<Duration>> = None;
     loop {
-        let (head, len) = loop {
+        // Reading a body: Pingora's read timeout applies, not the keep-alive one.
+        let mut in_body = false;
+        let (head, len, body_len) = loop {
             if !conn.input.is_empty() {
                 match parse_request(&conn.input) {
-                    Parsed::Complete(head, len) => break (head, len),
+                    Parsed::Complete(head, len, body) if conn.input.len() >= len + body => {
+                        break (head, len, body)
+                    }
+                    Parsed::Complete(..) => in_body = true,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
                     _ => return Served::Handover(conn.tcp, conn.input),
                 }
             }
-            let limit = idle.unwrap_or(Some(FIRST_REQUEST_TIMEOUT));
+            let limit = match idle {
+                Some(keepalive) if !in_body => keepalive,
+                _ => Some(FIRST_REQUEST_TIMEOUT),
+            };
             let between_requests = conn.input.is_empty();
             let read = conn.tcp.read_buf(&mut conn.input);
             let n = tokio::select! {
@@ -99,6 +111,7 @@ pub(crate) async fn serve(
             return Served::Handover(conn.tcp, conn.input);
         }
         conn.input.advance(len);
+        let body = conn.input.split_to(body_len).freeze();
         let keepalive = if client_wants_close(&head) {
             None
         } else {
@@ -107,6 +120,7 @@ pub(crate) async fn serve(
         let mut client = NativeClient {
             conn: &mut conn,
             req: head,
+            body,
             local,
             remote,
             client_close: keepalive.is_none(),
@@ -163,6 +177,8 @@ impl Connection {
 struct NativeClient<'c> {
     conn: &'c mut Connection,
     req: RequestHeader,
+    /// The whole request body (requests with a larger one go to Pingora).
+    body: Bytes,
     local: SocketAddr,
     remote: SocketAddr,
     /// The client sent `connection: close`: no keep-alive whatever the config says.
@@ -230,7 +246,7 @@ impl Client for NativeClient<'_> {
         &mut self.req
     }
     fn enable_retry_buffering(&mut self) {
-        // No request body to keep: requests with one go to Pingora.
+        // The body is read whole before the first try.
     }
     fn request_body_done(&mut self) -> bool {
         true
@@ -239,7 +255,7 @@ impl Client for NativeClient<'_> {
         self.response.as_ref()
     }
     fn body_bytes_read(&self) -> usize {
-        0
+        self.body.len()
     }
     fn body_bytes_sent(&self) -> usize {
         self.body_sent
@@ -258,19 +274,18 @@ impl Client for NativeClient<'_> {
 // Made once per request and moved once; boxing the header would cost an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
-    Complete(RequestHeader, usize),
+    /// The head, its length, and the length of the body that follows it.
+    Complete(RequestHeader, usize, usize),
     Partial,
     /// Malformed, or something this engine leaves to Pingora.
     Elsewhere,
 }
 
-/// Request headers whose presence sends the connection to Pingora: a body, an upgrade,
-/// `Expect`, or hop-by-hop fields this engine does not interpret.
+/// Request headers whose presence sends the connection to Pingora: a chunked body, an
+/// upgrade, `Expect`, or hop-by-hop fields this engine does not interpret. (A body with a
+/// content-length up to `MAX_BODY` stays.)
 fn leaves_engine(name: &str, value: &[u8]) -> bool {
     let is = |n: &str| name.eq_ignore_ascii_case(n);
-    if is("content-length") {
-        return value.trim_ascii() != b"0";
-    }
     if is("connection") {
         // Only the keep-alive switch; a connection-nominated field list goes to Pingora,
         // which strips the nominated fields.
@@ -307,9 +322,21 @@ fn parse_request(buf: &[u8]) -> Parsed {
     else {
         return Parsed::Elsewhere;
     };
+    let mut body: Option<u64> = None;
     for h in req.headers.iter() {
         if leaves_engine(h.name, h.value) {
             return Parsed::Elsewhere;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            // One plain decimal length; repeated or odd ones are Pingora's to judge.
+            let n = std::str::from_utf8(h.value.trim_ascii())
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            match (body, n) {
+                (None, Some(n)) if n <= MAX_BODY => body = Some(n),
+                _ => return Parsed::Elsewhere,
+            }
         }
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
@@ -321,7 +348,7 @@ fn parse_request(buf: &[u8]) -> Parsed {
             return Parsed::Elsewhere;
         }
     }
-    Parsed::Complete(head, len)
+    Parsed::Complete(head, len, body.unwrap_or(0) as usize)
 }
 
 fn client_wants_close(req: &RequestHeader) -> bool {
@@ -343,12 +370,14 @@ async fn within<T>(limit: Option<Duration>, f: impl std::future::Future<Output =
 /// Forwards the routed request, with retries; whether the client connection can carry
 /// another request afterwards.
 async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
-    // Filters see the end of the (empty) request body, as Pingora's body hook shows it.
+    // Filters see the body, whole, as its last chunk.
     if let Some(hcm) = ctx.hcm() {
+        let mut body = (!client.body.is_empty()).then(|| client.body.clone());
         for (i, f) in hcm.filters.filters.iter().enumerate() {
             f.filter
-                .on_request_body(&mut None, true, &filter_context(ctx, i, &f.name));
+                .on_request_body(&mut body, true, &filter_context(ctx, i, &f.name));
         }
+        client.body = body.unwrap_or_default();
     }
     loop {
         let next = match next_attempt(ctx).await {
@@ -376,6 +405,10 @@ async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
                     pool_put(key, upstream);
                 }
                 return true;
+            }
+            Err(e) if e.esource() == &pingora::ErrorSource::Downstream => {
+                // The client went away or stopped reading: nobody to retry for.
+                return failed(client, ctx, e).await;
             }
             Err(e) => {
                 let e = e.more_context(format!("peer: {}", next.host.address));
@@ -527,11 +560,13 @@ async fn exchange(
     req.set_version(Version::HTTP_11);
     strip_hop_by_hop(&mut req);
     prepare_upstream_request(ctx, &client.req, false, &mut req);
-    let Some(wire) = pingora::protocols::http::v1::client::http_req_header_to_wire(&req) else {
+    let Some(mut wire) = pingora::protocols::http::v1::client::http_req_header_to_wire(&req) else {
         return Error::e_explain(ErrorType::InvalidHTTPHeader, "request head")
             .map_err(|e| e.into_in());
     };
     drop(req);
+    // Head and body in one write.
+    wire.extend_from_slice(&client.body);
     upstream
         .write_all(&wire)
         .await
@@ -549,13 +584,21 @@ async fn exchange(
                 return Error::e_explain(ErrorType::InvalidHTTPHeader, "response head too large")
                     .map_err(|e| e.into_up());
             }
-            read_upstream(
+            let read = read_upstream(
                 upstream,
                 &mut buf,
                 read_timeout,
                 "while reading response headers",
-            )
-            .await?;
+            );
+            tokio::select! {
+                biased;
+                r = read => r?,
+                // As Envoy resets the upstream request when the client goes away first.
+                _ = client_gone(&client.conn.tcp) => {
+                    return Error::e_explain(ErrorType::ConnectionClosed, "client closed before the response")
+                        .map_err(|e| e.into_down());
+                }
+            }
             continue;
         };
         buf.advance(len);
@@ -633,6 +676,16 @@ async fn exchange(
         }
     }
     Ok(upstream_keepalive && reader.framing != Framing::UntilClose && buf.is_empty())
+}
+
+/// Resolves when the client closes its side of the connection; never when it sends more
+/// (a pipelined request, read after this response).
+async fn client_gone(tcp: &TcpStream) {
+    let mut probe = [0u8; 1];
+    match tcp.peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
 }
 
 /// Reads more of the upstream's response into `buf`.
@@ -889,14 +942,20 @@ mod tests {
     fn simple_requests_stay_and_the_rest_go_to_pingora() {
         assert!(matches!(
             head("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"),
-            Parsed::Complete(_, _)
+            Parsed::Complete(_, _, 0)
+        ));
+        assert!(matches!(
+            head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab"),
+            Parsed::Complete(_, _, 3)
         ));
         assert!(matches!(
             head("GET /a HTTP/1.1\r\nHost: x\r\n"),
             Parsed::Partial
         ));
         for raw in [
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
