@@ -385,7 +385,7 @@ async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
             Err(e) => return failed(client, ctx, e).await,
         };
         let key = (next.cluster.pool_key, next.host.address);
-        let (mut upstream, reused) = match pool_take(key, next.cluster.idle_timeout) {
+        let (mut upstream, reused) = match pool_take(key) {
             Some(s) => (s, true),
             None => match connect(next.host.address, next.cluster.connect_timeout).await {
                 Ok(s) => (s, false),
@@ -402,7 +402,7 @@ async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
         match exchange(client, ctx, &mut upstream, next.read_timeout).await {
             Ok(keep) => {
                 if keep {
-                    pool_put(key, upstream);
+                    pool_put(key, upstream, next.cluster.idle_timeout);
                 }
                 return true;
             }
@@ -448,31 +448,78 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
 
 type PoolKey = (u64, SocketAddr);
 
-thread_local! {
-    /// Idle upstream connections of this worker (each worker is one thread with its own
-    /// runtime, so connections never cross threads), per cluster version and address.
-    static POOL: RefCell<HashMap<PoolKey, Vec<(TcpStream, Instant)>>> = RefCell::new(HashMap::new());
+/// An idle upstream connection and when it became idle.
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+    /// Its cluster's `idle_timeout`.
+    timeout: Duration,
 }
 
-fn pool_take(key: PoolKey, idle_timeout: Duration) -> Option<TcpStream> {
+impl Idle {
+    fn usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < self.timeout && still_open(&self.stream)
+    }
+}
+
+/// A worker's idle upstream connections, per cluster version and address. Each worker is
+/// one thread with its own runtime, so connections never cross threads.
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<PoolKey, Vec<Idle>>,
+    swept: Option<Instant>,
+}
+
+/// How often a busy worker drops the idle connections that upstreams closed or that timed
+/// out, in every pool, including those of cluster versions a reload replaced (which are
+/// never taken from again).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+fn pool_take(key: PoolKey) -> Option<TcpStream> {
+    let now = Instant::now();
     POOL.with_borrow_mut(|pool| {
-        let idle = pool.get_mut(&key)?;
-        while let Some((stream, since)) = idle.pop() {
-            if since.elapsed() < idle_timeout && still_open(&stream) {
-                return Some(stream);
+        pool.sweep(now);
+        let idle = pool.idle.get_mut(&key)?;
+        while let Some(conn) = idle.pop() {
+            if conn.usable(now) {
+                return Some(conn.stream);
             }
         }
         None
     })
 }
 
-fn pool_put(key: PoolKey, stream: TcpStream) {
+fn pool_put(key: PoolKey, stream: TcpStream, timeout: Duration) {
     POOL.with_borrow_mut(|pool| {
-        let idle = pool.entry(key).or_default();
+        let idle = pool.idle.entry(key).or_default();
         if idle.len() < POOL_PER_ADDRESS {
-            idle.push((stream, Instant::now()));
+            idle.push(Idle {
+                stream,
+                since: Instant::now(),
+                timeout,
+            });
         }
     })
+}
+
+impl Pool {
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.idle.retain(|_, conns| {
+            conns.retain(|c| c.usable(now));
+            !conns.is_empty()
+        });
+    }
 }
 
 /// An idle connection the upstream has not closed: nothing to read on it (a read would
@@ -968,6 +1015,38 @@ mod tests {
         ] {
             assert!(matches!(head(raw), Parsed::Elsewhere), "{raw:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_drops_idle_connections_that_closed_or_timed_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut pool = Pool::default();
+        let mut servers = Vec::new();
+        for (key, timeout) in [
+            (1, Duration::from_secs(60)),
+            (2, Duration::from_secs(60)),
+            (3, Duration::ZERO),
+        ] {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            servers.push(listener.accept().await.unwrap().0);
+            pool.idle.entry((key, addr)).or_default().push(Idle {
+                stream,
+                since: Instant::now(),
+                timeout,
+            });
+        }
+        // The upstream of key 2 closes its end; key 3's connection has outlived its timeout.
+        drop(servers.remove(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.sweep(Instant::now());
+        let left: Vec<u64> = pool.idle.keys().map(|(k, _)| *k).collect();
+        assert_eq!(left, [1]);
+        // Within SWEEP_EVERY of the last sweep nothing is walked again.
+        drop(servers.remove(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle.len(), 1);
     }
 
     #[test]
