@@ -266,6 +266,64 @@ impl Transport for tokio_rustls::server::TlsStream<L4Stream> {
     }
 }
 
+/// A transport with bytes already read from it in front: what legate's HTTP/1 engine read
+/// (decrypted, on TLS) before handing the connection to Pingora.
+#[derive(Debug)]
+pub struct Replayed<T> {
+    unread: bytes::BytesMut,
+    inner: T,
+}
+
+impl<T> Replayed<T> {
+    pub fn new(inner: T, unread: bytes::BytesMut) -> Self {
+        Replayed { unread, inner }
+    }
+}
+
+impl<T: Transport> AsyncRead for Replayed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Transport> AsyncWrite for Replayed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: Transport> Transport for Replayed<T> {
+    fn l4(&self) -> &L4Stream {
+        self.inner.l4()
+    }
+    fn l4_mut(&mut self) -> &mut L4Stream {
+        self.inner.l4_mut()
+    }
+    fn alpn(&self) -> Option<ALPN> {
+        self.inner.alpn()
+    }
+}
+
 #[derive(Debug)]
 pub struct Downstream<T: Transport> {
     io: BufWriter<T>,

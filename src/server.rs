@@ -491,7 +491,7 @@ async fn serve_connection(
     let mut replay = None;
     // The connection_limit slot, when the native engine took it first.
     let mut native_slot = None;
-    if let (Some(shared), Some(local)) = (native, local) {
+    if let (Some(shared), Some(local)) = (&native, local) {
         let serves = snapshot
             .listener_at(local)
             .filter(|l| crate::proxy::native_serves(l));
@@ -501,8 +501,14 @@ async fn serve_connection(
                 Err(()) => return,
             };
             drop(snapshot);
-            let handed =
-                crate::proxy::serve_native(tcp, local, peer, shared.clone(), shutdown.clone());
+            let handed = crate::proxy::serve_native(
+                tcp,
+                None,
+                local,
+                peer,
+                shared.clone(),
+                shutdown.clone(),
+            );
             let Some((stream, unread)) = handed.await else {
                 return;
             };
@@ -531,10 +537,39 @@ async fn serve_connection(
         })
         .map(|_| Arc::new(watch::channel(false).0));
     let (stream, chain): (pingora::protocols::Stream, usize) = match listener {
-        Some(l) if l.inspect => match accept_inspected(l4, l, drain.clone()).await {
-            Some(s) => s,
-            None => return,
-        },
+        Some(l) if l.inspect => {
+            match accept_inspected(l4, l, drain.clone(), native.is_some()).await {
+                Some(Accepted::Pingora(s, chain)) => (s, chain),
+                Some(Accepted::Native(tls, info, chain)) => {
+                    let (Some(shared), Some(local)) = (native, local) else {
+                        return;
+                    };
+                    let Ok(_slot) = connection_slot(l, chain) else {
+                        return;
+                    };
+                    // Nothing below needs the listener's config again: chains the engine
+                    // serves have no age limit, and an HTTP/1.1 connection no HTTP/2 idle drain.
+                    drop(snapshot);
+                    let handed = crate::proxy::serve_native(
+                        tls,
+                        Some(&info),
+                        local,
+                        peer,
+                        shared,
+                        shutdown.clone(),
+                    );
+                    let Some((tls, unread)) = handed.await else {
+                        return;
+                    };
+                    let replayed = crate::io::Replayed::new(tls, unread);
+                    let stream: pingora::protocols::Stream =
+                        Box::new(Downstream::new(replayed, Some(info), false));
+                    serve_with_pingora(&app, stream, &shutdown).await;
+                    return;
+                }
+                None => return,
+            }
+        }
         Some(l) => {
             // Connection limits need per-connection state; other connections carry none.
             let hcm = l.hcm();
@@ -563,13 +598,34 @@ async fn serve_connection(
         },
     };
     drop(snapshot);
-    let mut next = app.process_new(stream, &shutdown).await;
+    serve_with_pingora(&app, stream, &shutdown).await;
+}
+
+/// Serves a connection through Pingora's proxy, request after request.
+async fn serve_with_pingora(
+    app: &Arc<App>,
+    stream: pingora::protocols::Stream,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let mut next = app.process_new(stream, shutdown).await;
     while let Some(s) = next {
         if *shutdown.borrow() {
             return;
         }
-        next = app.process_new(s, &shutdown).await;
+        next = app.process_new(s, shutdown).await;
     }
+}
+
+/// What the TLS inspector and filter-chain match made of a connection.
+enum Accepted {
+    /// For Pingora's proxy, on this filter chain.
+    Pingora(pingora::protocols::Stream, usize),
+    /// TLS speaking HTTP/1.1 on a chain legate's own engine serves.
+    Native(
+        tokio_rustls::server::TlsStream<L4Stream>,
+        ConnectionInfo,
+        usize,
+    ),
 }
 
 /// Envoy's connection_limit filter: over the limit (Err), the connection is closed at once.
@@ -595,7 +651,8 @@ async fn accept_inspected(
     mut l4: L4Stream,
     listener: &crate::listener::Listener,
     drain: Option<Arc<watch::Sender<bool>>>,
-) -> Option<(pingora::protocols::Stream, usize)> {
+    native: bool,
+) -> Option<Accepted> {
     use crate::io::TlsInfo;
     use crate::listener::Transport;
     use pingora::protocols::Peek;
@@ -631,7 +688,10 @@ async fn accept_inspected(
         }
         let h2c = listener.chains[chain].hcm.h2c;
         let info = ConnectionInfo::new(chain, None, &listener.chains[chain].hcm, drain);
-        return Some((Box::new(Downstream::new(l4, Some(info), h2c)), chain));
+        return Some(Accepted::Pingora(
+            Box::new(Downstream::new(l4, Some(info), h2c)),
+            chain,
+        ));
     }
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), l4);
     let start = match tokio::time::timeout(within(listener.inspect_timeout), acceptor).await {
@@ -687,7 +747,17 @@ async fn accept_inspected(
         &c.hcm,
         drain,
     );
-    Some((Box::new(Downstream::new(stream, Some(info), false)), chain))
+    let h2 = matches!(
+        crate::io::Transport::alpn(&stream),
+        Some(pingora::protocols::ALPN::H2)
+    );
+    if native && !h2 && crate::proxy::native_serves_chain(c) {
+        return Some(Accepted::Native(stream, info, chain));
+    }
+    Some(Accepted::Pingora(
+        Box::new(Downstream::new(stream, Some(info), false)),
+        chain,
+    ))
 }
 
 /// Envoy's `cluster_manager.cluster_added|modified|removed` and the `listener_manager`

@@ -5,93 +5,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-
-/// An upstream that answers raw HTTP/1.1 by path, over keep-alive connections, so that
-/// every framing the engine must read can be scripted.
-fn raw_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            std::thread::spawn(move || serve_raw(conn));
-        }
-    });
-    port
-}
-
-fn serve_raw(mut conn: TcpStream) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match conn.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end + 4);
-        let body_len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("content-length:")
-                    .or(l.strip_prefix("Content-Length:"))
-            })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < body_len {
-            match conn.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..body_len);
-        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-        let (reply, close): (&[u8], bool) = match path.as_str() {
-            "/chunked" => (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Case: Mixed\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n",
-                false,
-            ),
-            "/close" => (
-                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nread until close",
-                true,
-            ),
-            "/interim" => (
-                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
-                false,
-            ),
-            "/empty" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
-            "/fail" => (
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy",
-                false,
-            ),
-            "/reason" => (
-                b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok",
-                false,
-            ),
-            _ => (
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Case: Mixed\r\n\r\nhello",
-                false,
-            ),
-        };
-        let reply = if head.starts_with("HEAD ") {
-            // The head only (RFC 9110: same fields, no content).
-            let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            &reply[..end]
-        } else {
-            reply
-        };
-        if conn.write_all(reply).is_err() || close {
-            return;
-        }
-    }
-}
 
 fn config(port: u16, upstream: u16, closed: u16) -> String {
     let routes = "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /direct}\n    direct_response: {status: 202, body: {inline_string: local}}\n  - match: {prefix: /retry}\n    route: {cluster: c, prefix_rewrite: /fail, retry_policy: {retry_on: 5xx, num_retries: 2}}\n  - match: {prefix: /refused}\n    route: {cluster: gone}\n  - match: {prefix: /}\n    route: {cluster: c}\n";

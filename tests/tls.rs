@@ -492,3 +492,58 @@ fn upstream_tls_with_sni_ca_and_client_certificate() {
     assert_eq!(get(port, "/mtls", "x").status, 200);
     assert_eq!(get(port, "/no-client-cert", "x").status, 503);
 }
+
+/// HTTPS on HTTP/1.1 goes through legate's own engine (header names lowercase, as Envoy
+/// writes them; Pingora's proxy keeps the upstream's `X-Case`), and a request it does not
+/// take (a chunked body) hands the TLS connection, with what was already decrypted, to
+/// Pingora on the same connection.
+#[test]
+fn https_on_http1_runs_on_the_native_engine_and_hands_over_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_upstream();
+    let c = cert(&["a.example.com"]);
+    let files = write_cert(dir.path(), "a", &c);
+    let yaml_for = |port: u16| {
+        format!(
+            r#"static_resources:
+  listeners:
+  - name: https
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    listener_filters: [{{name: envoy.filters.listener.tls_inspector, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}}}]
+    filter_chains:
+    - filter_chain_match: {{server_names: [a.example.com]}}
+{t}{h}  clusters:{cluster}
+"#,
+            t = tls_socket(&files, "http/1.1"),
+            h = hcm("a", "route: {cluster: up}"),
+            cluster = cluster_yaml("up", &[raw], ""),
+        )
+    };
+    let raw_text = |engine: &str| {
+        let port = free_port();
+        let mut l = Legate::spawn_with(&yaml_for(port), &["--engine", engine]);
+        wait_for_port(port, Some(&mut l.child));
+        let mut tls = connect(port, "a.example.com", client(&[&c], &[b"http/1.1"])).unwrap();
+        let r = get_on(&mut tls, "a.example.com");
+        assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+        // A chunked request on the same connection: Pingora's turn.
+        tls.write_all(
+            b"POST /plain HTTP/1.1\r\nhost: a.example.com\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("hello"), "{text}");
+        // The first response again, raw, to see which engine wrote it.
+        let mut tls = connect(port, "a.example.com", client(&[&c], &[b"http/1.1"])).unwrap();
+        tls.write_all(b"GET /plain HTTP/1.1\r\nhost: a.example.com\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    assert!(raw_text("native").contains("\r\nx-case: Mixed\r\n"));
+    assert!(raw_text("pingora").contains("\r\nX-Case: Mixed\r\n"));
+}

@@ -45,36 +45,44 @@ const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// No endpoint left to try.
 const NO_HOST: ErrorType = ErrorType::Custom("no healthy upstream");
 
-/// Whether legate's own HTTP/1 engine can serve this listener's connections: plaintext,
-/// one filter chain, and no per-connection state (request timers, connection age or
-/// request-count limits), which only the Pingora path keeps so far.
+/// Whether legate's own HTTP/1 engine can serve this listener's connections without
+/// looking at them first: plaintext, one filter chain that it can serve.
 pub(crate) fn native_serves(listener: &Listener) -> bool {
     !listener.inspect
         && listener.chains.len() == 1
-        && listener.chains.first().is_some_and(|c| {
-            // The HTTP/2 idle drain does not matter here: an h2c connection goes to
-            // Pingora at its preface, with its own connection state.
-            let hcm = &c.hcm;
-            c.tls.is_none()
-                && hcm.request_timeout.is_none()
-                && hcm.request_headers_timeout.is_none()
-                && hcm.limits.max_connection_duration.is_none()
-                && hcm.limits.max_requests_per_connection.is_none()
-        })
+        && listener
+            .chains
+            .first()
+            .is_some_and(|c| c.tls.is_none() && native_serves_chain(c))
 }
+
+/// Whether the engine can serve a filter chain's HTTP/1.1 connections: no per-connection
+/// state (request timers, connection age or request-count limits), which only the
+/// Pingora path keeps so far. (The HTTP/2 idle drain does not matter: an h2c or h2
+/// connection goes to Pingora.)
+pub(crate) fn native_serves_chain(chain: &crate::listener::Chain) -> bool {
+    let hcm = &chain.hcm;
+    hcm.request_timeout.is_none()
+        && hcm.request_headers_timeout.is_none()
+        && hcm.limits.max_connection_duration.is_none()
+        && hcm.limits.max_requests_per_connection.is_none()
+}
+
+pub(crate) use native::ClientStream;
 
 /// Serves a connection with legate's own HTTP/1 engine; the stream and the bytes read but
 /// not served when Pingora is to take over.
-pub(crate) async fn serve_native(
-    tcp: tokio::net::TcpStream,
+pub(crate) async fn serve_native<S: ClientStream>(
+    io: S,
+    info: Option<&crate::io::ConnectionInfo>,
     local: SocketAddr,
     remote: SocketAddr,
     shared: Arc<ArcSwap<Snapshot>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Option<(tokio::net::TcpStream, bytes::BytesMut)> {
-    match native::serve(tcp, local, remote, shared, shutdown).await {
+) -> Option<(S, bytes::BytesMut)> {
+    match native::serve(io, info, local, remote, shared, shutdown).await {
         native::Served::Closed => None,
-        native::Served::Handover(tcp, unread) => Some((tcp, unread)),
+        native::Served::Handover(io, unread) => Some((io, unread)),
     }
 }
 

@@ -26,7 +26,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result, RetryType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -53,23 +53,50 @@ const POOL_PER_ADDRESS: usize = 128;
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// How a connection left the engine.
-pub(crate) enum Served {
+pub(crate) enum Served<S> {
     /// Closed (by either side, by a limit, or at shutdown).
     Closed,
     /// Pingora takes over from here: the stream, and the bytes read from it but not served.
-    Handover(TcpStream, BytesMut),
+    Handover(S, BytesMut),
+}
+
+/// A client connection the engine can serve: plaintext TCP, or TLS over it.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when the client closes its side of the connection; never when it sends
+    /// more (a pipelined request, read after this response).
+    fn gone(&self) -> impl std::future::Future<Output = ()> + Send + '_;
+}
+
+impl ClientStream for TcpStream {
+    async fn gone(&self) {
+        let mut probe = [0u8; 1];
+        match self.peek(&mut probe).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<pingora::protocols::l4::stream::Stream> {
+    /// A TLS client may send a close_notify alert before its FIN, and the bytes under TLS
+    /// cannot be peeked without consuming records: a TLS client leaving early is noticed
+    /// when its response is written.
+    async fn gone(&self) {
+        std::future::pending().await
+    }
 }
 
 /// Serves one plaintext HTTP/1 connection, request after request.
-pub(crate) async fn serve(
-    tcp: TcpStream,
+pub(crate) async fn serve<S: ClientStream>(
+    io: S,
+    info: Option<&crate::io::ConnectionInfo>,
     local: SocketAddr,
     remote: SocketAddr,
     shared: Arc<ArcSwap<Snapshot>>,
     mut shutdown: watch::Receiver<bool>,
-) -> Served {
+) -> Served<S> {
     let mut conn = Connection {
-        tcp,
+        io,
         input: BytesMut::with_capacity(4096),
         output: BytesMut::with_capacity(4096),
     };
@@ -86,7 +113,7 @@ pub(crate) async fn serve(
                     }
                     Parsed::Complete(..) => in_body = true,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
-                    _ => return Served::Handover(conn.tcp, conn.input),
+                    _ => return Served::Handover(conn.io, conn.input),
                 }
             }
             let limit = match idle {
@@ -94,7 +121,7 @@ pub(crate) async fn serve(
                 _ => Some(FIRST_REQUEST_TIMEOUT),
             };
             let between_requests = conn.input.is_empty();
-            let read = conn.tcp.read_buf(&mut conn.input);
+            let read = conn.io.read_buf(&mut conn.input);
             let n = tokio::select! {
                 biased;
                 n = within(limit, read) => n,
@@ -108,7 +135,7 @@ pub(crate) async fn serve(
         };
         let snapshot = shared.load_full();
         if !snapshot.plain_upstreams {
-            return Served::Handover(conn.tcp, conn.input);
+            return Served::Handover(conn.io, conn.input);
         }
         conn.input.advance(len);
         let body = conn.input.split_to(body_len).freeze();
@@ -119,6 +146,7 @@ pub(crate) async fn serve(
         };
         let mut client = NativeClient {
             conn: &mut conn,
+            info,
             req: head,
             body,
             local,
@@ -154,28 +182,34 @@ pub(crate) async fn serve(
     }
 }
 
-struct Connection {
-    tcp: TcpStream,
+struct Connection<S> {
+    io: S,
     /// Read from the client and not yet served (a pipelined request's head, say).
     input: BytesMut,
     /// To be written to the client.
     output: BytesMut,
 }
 
-impl Connection {
+impl<S: ClientStream> Connection<S> {
     async fn flush(&mut self) -> Result<()> {
         if self.output.is_empty() {
             return Ok(());
         }
-        let r = self.tcp.write_all(&self.output).await;
+        let mut r = self.io.write_all(&self.output).await;
+        if r.is_ok() {
+            // TLS holds records until flushed; TCP writes straight through.
+            r = self.io.flush().await;
+        }
         self.output.clear();
         r.map_err(|e| Error::because(ErrorType::WriteError, "writing to the client", e).into_down())
     }
 }
 
 /// One request's downstream side, as the request logic sees it.
-struct NativeClient<'c> {
-    conn: &'c mut Connection,
+struct NativeClient<'c, S> {
+    conn: &'c mut Connection<S>,
+    /// What the accept path decided (a TLS connection's chain and TLS details).
+    info: Option<&'c crate::io::ConnectionInfo>,
     req: RequestHeader,
     /// The whole request body (requests with a larger one go to Pingora).
     body: Bytes,
@@ -189,7 +223,7 @@ struct NativeClient<'c> {
     body_sent: usize,
 }
 
-impl NativeClient<'_> {
+impl<S: ClientStream> NativeClient<'_, S> {
     /// What Pingora's HTTP/1 server adds to every final response (`date`, `connection`),
     /// then the head on the wire.
     fn put_head(&mut self, resp: &mut ResponseHeader) -> Result<()> {
@@ -222,7 +256,7 @@ impl NativeClient<'_> {
     }
 }
 
-impl Client for NativeClient<'_> {
+impl<S: ClientStream> Client for NativeClient<'_, S> {
     fn local_addr(&self) -> Option<SocketAddr> {
         Some(self.local)
     }
@@ -230,8 +264,7 @@ impl Client for NativeClient<'_> {
         Some(self.remote)
     }
     fn connection(&self) -> Option<&crate::io::ConnectionInfo> {
-        // Listeners whose connections need per-connection state stay on Pingora.
-        None
+        self.info
     }
     fn is_http2(&self) -> bool {
         false
@@ -369,7 +402,7 @@ async fn within<T>(limit: Option<Duration>, f: impl std::future::Future<Output =
 
 /// Forwards the routed request, with retries; whether the client connection can carry
 /// another request afterwards.
-async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
+async fn proxy<S: ClientStream>(client: &mut NativeClient<'_, S>, ctx: &mut RequestCtx) -> bool {
     // Filters see the body, whole, as its last chunk.
     if let Some(hcm) = ctx.hcm() {
         let mut body = (!client.body.is_empty()).then(|| client.body.clone());
@@ -423,7 +456,11 @@ async fn proxy(client: &mut NativeClient<'_>, ctx: &mut RequestCtx) -> bool {
 }
 
 /// Answers a failed request as the Pingora path does; the connection then closes.
-async fn failed(client: &mut NativeClient<'_>, ctx: &mut RequestCtx, e: Box<Error>) -> bool {
+async fn failed<S: ClientStream>(
+    client: &mut NativeClient<'_, S>,
+    ctx: &mut RequestCtx,
+    e: Box<Error>,
+) -> bool {
     answer_failure(client, &e, ctx).await;
     false
 }
@@ -597,8 +634,8 @@ fn response_framing(
 
 /// One try: the request head upstream, the response head back, then the body streamed
 /// to the client. Ok(true) when the upstream connection can be pooled again.
-async fn exchange(
-    client: &mut NativeClient<'_>,
+async fn exchange<S: ClientStream>(
+    client: &mut NativeClient<'_, S>,
     ctx: &mut RequestCtx,
     upstream: &mut TcpStream,
     read_timeout: Option<Duration>,
@@ -641,7 +678,7 @@ async fn exchange(
                 biased;
                 r = read => r?,
                 // As Envoy resets the upstream request when the client goes away first.
-                _ = client_gone(&client.conn.tcp) => {
+                _ = client.conn.io.gone() => {
                     return Error::e_explain(ErrorType::ConnectionClosed, "client closed before the response")
                         .map_err(|e| e.into_down());
                 }
@@ -723,16 +760,6 @@ async fn exchange(
         }
     }
     Ok(upstream_keepalive && reader.framing != Framing::UntilClose && buf.is_empty())
-}
-
-/// Resolves when the client closes its side of the connection; never when it sends more
-/// (a pipelined request, read after this response).
-async fn client_gone(tcp: &TcpStream) {
-    let mut probe = [0u8; 1];
-    match tcp.peek(&mut probe).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
-    }
 }
 
 /// Reads more of the upstream's response into `buf`.
