@@ -540,7 +540,8 @@ async fn serve_connection(
         Some(l) if l.inspect => {
             match accept_inspected(l4, l, drain.clone(), native.is_some()).await {
                 Some(Accepted::Pingora(s, chain)) => (s, chain),
-                Some(Accepted::Native(tls, info, chain)) => {
+                Some(Accepted::Native(accepted, chain)) => {
+                    let (tls, info) = *accepted;
                     let (Some(shared), Some(local)) = (native, local) else {
                         return;
                     };
@@ -620,10 +621,10 @@ async fn serve_with_pingora(
 enum Accepted {
     /// For Pingora's proxy, on this filter chain.
     Pingora(pingora::protocols::Stream, usize),
-    /// TLS speaking HTTP/1.1 on a chain legate's own engine serves.
+    /// TLS speaking HTTP/1.1 on a chain legate's own engine serves (boxed: the TLS state
+    /// is large, and this is once per connection).
     Native(
-        tokio_rustls::server::TlsStream<L4Stream>,
-        ConnectionInfo,
+        Box<(tokio_rustls::server::TlsStream<L4Stream>, ConnectionInfo)>,
         usize,
     ),
 }
@@ -752,7 +753,7 @@ async fn accept_inspected(
         Some(pingora::protocols::ALPN::H2)
     );
     if native && !h2 && crate::proxy::native_serves_chain(c) {
-        return Some(Accepted::Native(stream, info, chain));
+        return Some(Accepted::Native(Box::new((stream, info)), chain));
     }
     Some(Accepted::Pingora(
         Box::new(Downstream::new(stream, Some(info), false)),
