@@ -317,9 +317,8 @@ enum Parsed {
 /// Request headers whose presence sends the connection to Pingora: a chunked body, an
 /// upgrade, `Expect`, or hop-by-hop fields this engine does not interpret. (A body with a
 /// content-length up to `MAX_BODY` stays.)
-fn leaves_engine(name: &str, value: &[u8]) -> bool {
-    let is = |n: &str| name.eq_ignore_ascii_case(n);
-    if is("connection") {
+fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
+    if name == header::CONNECTION {
         // Only the keep-alive switch; a connection-nominated field list goes to Pingora,
         // which strips the nominated fields.
         return !value.split(|b| *b == b',').all(|t| {
@@ -327,12 +326,12 @@ fn leaves_engine(name: &str, value: &[u8]) -> bool {
             t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
         });
     }
-    is("transfer-encoding")
-        || is("upgrade")
-        || is("expect")
-        || is("te")
-        || is("trailer")
-        || is("http2-settings")
+    name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::EXPECT
+        || name == header::TE
+        || name == header::TRAILER
+        || name.as_str() == "http2-settings"
 }
 
 fn parse_request(buf: &[u8]) -> Parsed {
@@ -350,17 +349,24 @@ fn parse_request(buf: &[u8]) -> Parsed {
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::Elsewhere;
     }
-    let Ok(mut head) =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(req.headers.len()))
-    else {
+    // Pingora's own constructor for the target (its raw form, checks, URI); the header
+    // map is built here and put in whole, since Pingora's insert parses each name again.
+    let Ok(target) = RequestHeader::build_no_case(method, path.as_bytes(), Some(0)) else {
         return Parsed::Elsewhere;
     };
+    let mut map = http::HeaderMap::with_capacity(req.headers.len());
     let mut body: Option<u64> = None;
     for h in req.headers.iter() {
-        if leaves_engine(h.name, h.value) {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::Elsewhere;
+        };
+        if leaves_engine(&name, h.value) {
             return Parsed::Elsewhere;
         }
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if name == header::CONTENT_LENGTH {
             // One plain decimal length; repeated or odd ones are Pingora's to judge.
             let n = std::str::from_utf8(h.value.trim_ascii())
                 .ok()
@@ -371,17 +377,13 @@ fn parse_request(buf: &[u8]) -> Parsed {
                 _ => return Parsed::Elsewhere,
             }
         }
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
-            return Parsed::Elsewhere;
-        };
-        if head.append_header(name, value).is_err() {
-            return Parsed::Elsewhere;
-        }
+        map.append(name, value);
     }
-    Parsed::Complete(head, len, body.unwrap_or(0) as usize)
+    // Origin-form targets serialize from the URI (`RawTarget::FromUri`), which is what a
+    // header made from parts keeps.
+    let mut parts: http::request::Parts = target.into();
+    parts.headers = map;
+    Parsed::Complete(RequestHeader::from(parts), len, body.unwrap_or(0) as usize)
 }
 
 fn client_wants_close(req: &RequestHeader) -> bool {
@@ -566,16 +568,22 @@ fn still_open(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// The hop-by-hop fields Pingora strips from every request it sends upstream.
+/// The hop-by-hop fields Pingora strips from every request it sends upstream (the
+/// others never reach here: requests carrying them go to Pingora).
 fn strip_hop_by_hop(req: &mut RequestHeader) {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "connection",
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::CONNECTION,
     ] {
-        req.remove_header(name);
+        // A lookup by a parsed name; removal goes through Pingora only when needed.
+        if req.headers.contains_key(name) {
+            req.remove_header(name);
+        }
     }
 }
 
@@ -807,20 +815,12 @@ fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
         .into_up()
     };
     let code = resp.code.ok_or_else(|| bad("no status"))?;
-    let mut head =
-        ResponseHeader::build_no_case(code, Some(resp.headers.len())).map_err(|_| bad("status"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| bad("status"))?;
     let http10 = resp.version == Some(0);
-    if http10 {
-        head.set_version(Version::HTTP_10);
-    }
-    if let Some(reason) = resp.reason {
-        let canonical = head.status.canonical_reason();
-        if canonical != Some(reason) {
-            head.set_reason_phrase(Some(reason))
-                .map_err(|_| bad("reason phrase"))?;
-        }
-    }
     let mut keepalive = !http10;
+    // The header map is built here and put in whole: Pingora's insert parses each name
+    // again.
+    let mut map = http::HeaderMap::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
@@ -834,7 +834,22 @@ fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
                 }
             }
         }
-        head.append_header(name, value).map_err(|_| bad("header"))?;
+        map.append(name, value);
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = if http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    parts.headers = map;
+    let mut head = ResponseHeader::from(parts);
+    if let Some(reason) = resp.reason {
+        if status.canonical_reason() != Some(reason) {
+            head.set_reason_phrase(Some(reason))
+                .map_err(|_| bad("reason phrase"))?;
+        }
     }
     Ok(Some((head, len, keepalive)))
 }
