@@ -676,21 +676,6 @@ fn workers_reuse_upstream_connections_without_racing() {
     );
 }
 
-/// Wake-ups of all the process's threads so far (Linux's per-thread voluntary context
-/// switches: each is a sleep that ended).
-fn wakeups(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// A sidecar spends most of its life idle. After serving requests (which arm Pingora's
 /// upstream read, connect and keep-alive timeouts), legate must not keep a thread ticking:
 /// Pingora's own timer wheel, once started, wakes every 10 ms for good (~200 wake-ups in

@@ -236,3 +236,36 @@ fn a_client_that_leaves_early_ends_the_request_like_envoy() {
     assert_eq!(envoy, "0 DC", "Envoy's own line");
     assert_eq!(legate, envoy);
 }
+
+/// Sub-second route and per-try timeouts run on the worker's own timer here: a timed-out
+/// request still gets Envoy's 504, and the gateway sleeps afterwards. (Through Pingora's
+/// proxy they start Pingora's 100 Hz timer thread.)
+#[test]
+fn sub_second_timeouts_keep_the_gateway_asleep() {
+    let up = Upstream::start("up");
+    let port = free_port();
+    let yaml = one_route_bootstrap(
+        port,
+        "timeout: 0.3s, retry_policy: {retry_on: 5xx, per_try_timeout: 0.1s}",
+        &[up.port()],
+        "",
+    );
+    let l = Legate::spawn_with(&yaml, &["--engine", "native"]);
+    wait_for_port(port, None);
+    let mut c = KeepAlive::connect(port).unwrap();
+    for i in 0..10 {
+        let r = c.get(&format!("/{i}"), "a").unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let slow = request(port, "GET", "/slow", "a", &[("x-test-delay-ms", "1000")]);
+    assert_eq!(
+        (slow.status, slow.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    drop(c);
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = wakeups(l.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = wakeups(l.child.id()) - before;
+    assert!(woke < 40, "{woke} wake-ups in 2 s of idling");
+}
