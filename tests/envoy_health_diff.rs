@@ -95,10 +95,17 @@ fn outlier_detection_matches_envoy() {
         statuses.sort();
         (statuses, bad.count(), good.count())
     };
-    let e = run(true);
+    // Envoy ejects on its main thread, after the worker reports the second 5xx: under load
+    // a third request can still reach the bad host before the ejection lands. legate ejects
+    // on the spot. So legate must match one of up to three Envoy runs.
     let l = run(false);
-    assert_eq!(
-        e, l,
-        "outlier detection differs (statuses, bad tries, good tries)"
-    );
+    let mut envoy = Vec::new();
+    for _ in 0..3 {
+        let e = run(true);
+        if e == l {
+            return;
+        }
+        envoy.push(e);
+    }
+    panic!("outlier detection differs (statuses, bad tries, good tries): legate {l:?}, envoy {envoy:?}");
 }
