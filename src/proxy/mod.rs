@@ -68,23 +68,7 @@ pub(crate) fn native_serves_chain(chain: &crate::listener::Chain) -> bool {
         && hcm.limits.max_requests_per_connection.is_none()
 }
 
-pub(crate) use native::ClientStream;
-
-/// Serves a connection with legate's own HTTP/1 engine; the stream and the bytes read but
-/// not served when Pingora is to take over.
-pub(crate) async fn serve_native<S: ClientStream>(
-    io: S,
-    info: Option<&crate::io::ConnectionInfo>,
-    local: SocketAddr,
-    remote: SocketAddr,
-    shared: Arc<ArcSwap<Snapshot>>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Option<(S, bytes::BytesMut)> {
-    match native::serve(io, info, local, remote, shared, shutdown).await {
-        native::Served::Closed => None,
-        native::Served::Handover(io, unread) => Some((io, unread)),
-    }
-}
+pub(crate) use native::serve as serve_native;
 
 /// The proxy behind every listener; a connection's local address tells which listener's
 /// HCM applies.

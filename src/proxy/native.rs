@@ -52,14 +52,6 @@ const POOL_PER_ADDRESS: usize = 128;
 /// Response body bytes gathered before a write downstream.
 const WRITE_CHUNK: usize = 64 * 1024;
 
-/// How a connection left the engine.
-pub(crate) enum Served<S> {
-    /// Closed (by either side, by a limit, or at shutdown).
-    Closed,
-    /// Pingora takes over from here: the stream, and the bytes read from it but not served.
-    Handover(S, BytesMut),
-}
-
 /// A client connection the engine can serve: plaintext TCP, or TLS over it.
 pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Resolves when the client closes its side of the connection; never when it sends
@@ -86,7 +78,9 @@ impl ClientStream for tokio_rustls::server::TlsStream<pingora::protocols::l4::st
     }
 }
 
-/// Serves one plaintext HTTP/1 connection, request after request.
+/// Serves one HTTP/1.1 connection, request after request, until it closes (None: by
+/// either side, by a limit, or at shutdown) or Pingora is to take over (the stream, and
+/// the bytes read from it but not served).
 pub(crate) async fn serve<S: ClientStream>(
     io: S,
     info: Option<&crate::io::ConnectionInfo>,
@@ -94,7 +88,7 @@ pub(crate) async fn serve<S: ClientStream>(
     remote: SocketAddr,
     shared: Arc<ArcSwap<Snapshot>>,
     mut shutdown: watch::Receiver<bool>,
-) -> Served<S> {
+) -> Option<(S, BytesMut)> {
     let mut conn = Connection {
         io,
         input: BytesMut::with_capacity(4096),
@@ -113,7 +107,7 @@ pub(crate) async fn serve<S: ClientStream>(
                     }
                     Parsed::Complete(..) => in_body = true,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
-                    _ => return Served::Handover(conn.io, conn.input),
+                    _ => return Some((conn.io, conn.input)),
                 }
             }
             let limit = match idle {
@@ -126,16 +120,16 @@ pub(crate) async fn serve<S: ClientStream>(
                 biased;
                 n = within(limit, read) => n,
                 // Pingora drops connections waiting for a request when the service stops.
-                _ = shutdown.wait_for(|down| *down), if between_requests => return Served::Closed,
+                _ = shutdown.wait_for(|down| *down), if between_requests => return None,
             };
             match n {
                 Some(Ok(n)) if n > 0 => {}
-                _ => return Served::Closed,
+                _ => return None,
             }
         };
         let snapshot = shared.load_full();
         if !snapshot.plain_upstreams {
-            return Served::Handover(conn.io, conn.input);
+            return Some((conn.io, conn.input));
         }
         conn.input.advance(len);
         let body = conn.input.split_to(body_len).freeze();
@@ -172,10 +166,10 @@ pub(crate) async fn serve<S: ClientStream>(
         let keepalive = client.keepalive;
         drop(ctx);
         if !reusable || conn.flush().await.is_err() {
-            return Served::Closed;
+            return None;
         }
         match keepalive {
-            None => return Served::Closed,
+            None => return None,
             Some(0) => idle = Some(None),
             Some(s) => idle = Some(Some(Duration::from_secs(s))),
         }

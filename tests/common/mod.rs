@@ -919,3 +919,13 @@ pub fn wakeups(pid: u32) -> u64 {
         })
         .sum()
 }
+
+/// Asserts that the process stays asleep for two seconds: fewer than 40 wake-ups over all
+/// its threads (legate's workers wake about twice a second; Pingora's timer thread, once
+/// started, about 200 times in that span).
+pub fn assert_idle(pid: u32) {
+    let before = wakeups(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = wakeups(pid) - before;
+    assert!(woke < 40, "{woke} wake-ups in 2 s of idling");
+}
