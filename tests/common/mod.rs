@@ -177,11 +177,38 @@ async fn answer(
         .unwrap()
 }
 
-/// A free loopback port (bound and released; good enough on a test machine).
-/// A port free right now and never handed out before in this test process, so a test's
-/// "dead" upstream port cannot be the same as its gateway's listener.
+/// A loopback port free right now and never handed out before in this test process, so a
+/// test's "dead" upstream port cannot be the same as its gateway's listener.
+///
+/// Ports come from below the kernel's ephemeral range: a port from inside it can be taken,
+/// between this check and the gateway's bind, as the local port of any outgoing connection
+/// (another test's client, an upstream connection) -- and `wait_for_port`'s own probe can
+/// even connect to itself on it (TCP simultaneous open), which once made a test talk to no
+/// gateway at all.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000u32, ephemeral_low.saturating_sub(10_000));
+    // Start where another test process (run before or after this one) is unlikely to be.
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..span.min(20_000) {
+        if span < 1_000 {
+            break;
+        }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (low + seed.wrapping_add(n.wrapping_mul(7_919)) % span) as u16;
+        let mut given = GIVEN.lock().unwrap();
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.push(port);
+        return port;
+    }
+    // No room below the ephemeral range on this machine: fall back to the kernel's choice.
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
