@@ -49,6 +49,9 @@ const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BODY: u64 = 64 * 1024;
 /// Idle connections kept per upstream address and worker (Pingora's pool holds 128).
 const POOL_PER_ADDRESS: usize = 128;
+/// Room in a parsed head's header map for the fields the request logic adds (forwarding,
+/// `x-envoy-*`, `date`, `server`...), so that adding them does not grow the map.
+const ROOM: usize = 8;
 /// Response body bytes gathered before a write downstream.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -93,17 +96,20 @@ pub(crate) async fn serve<S: ClientStream>(
         io,
         input: BytesMut::with_capacity(4096),
         output: BytesMut::with_capacity(4096),
+        fields: Vec::new(),
+        idle: Deadline::new(),
+        upstream_read: Deadline::new(),
     };
     // Between requests: None before the first; then the keep-alive limit, if any.
     let mut idle: Option<Option<Duration>> = None;
     loop {
         // Reading a body: Pingora's read timeout applies, not the keep-alive one.
         let mut in_body = false;
-        let (head, len, body_len) = loop {
+        let head = loop {
             if !conn.input.is_empty() {
-                match parse_request(&conn.input) {
-                    Parsed::Complete(head, len, body) if conn.input.len() >= len + body => {
-                        break (head, len, body)
+                match parse_request(&conn.input, &mut conn.fields) {
+                    Parsed::Complete(head) if conn.input.len() >= head.len + head.body => {
+                        break head
                     }
                     Parsed::Complete(..) => in_body = true,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
@@ -118,7 +124,7 @@ pub(crate) async fn serve<S: ClientStream>(
             let read = conn.io.read_buf(&mut conn.input);
             let n = tokio::select! {
                 biased;
-                n = within(limit, read) => n,
+                n = conn.idle.within(limit, read) => n,
                 // Pingora drops connections waiting for a request when the service stops.
                 _ = shutdown.wait_for(|down| *down), if between_requests => return None,
             };
@@ -127,11 +133,21 @@ pub(crate) async fn serve<S: ClientStream>(
                 _ => return None,
             }
         };
+        let body_len = head.body;
         let snapshot = shared.load_full();
         if !snapshot.plain_upstreams {
             return Some((conn.io, conn.input));
         }
-        conn.input.advance(len);
+        // The head's values and target become slices of its bytes, not copies.
+        let bytes = conn.input.split_to(head.len).freeze();
+        let head = match head.build(bytes, &mut conn.fields) {
+            Ok(head) => head,
+            Err(bytes) => {
+                let mut unread = BytesMut::from(&bytes[..]);
+                unread.extend_from_slice(&conn.input);
+                return Some((conn.io, unread));
+            }
+        };
         let body = conn.input.split_to(body_len).freeze();
         let keepalive = if client_wants_close(&head) {
             None
@@ -182,6 +198,12 @@ struct Connection<S> {
     input: BytesMut,
     /// To be written to the client.
     output: BytesMut,
+    /// The fields of the head being parsed (kept for its capacity).
+    fields: Vec<Field>,
+    /// Waiting for a request, or for the rest of one.
+    idle: Deadline,
+    /// Waiting for the upstream (Pingora's read timeout, per read).
+    upstream_read: Deadline,
 }
 
 impl<S: ClientStream> Connection<S> {
@@ -298,14 +320,67 @@ impl<S: ClientStream> Client for NativeClient<'_, S> {
     }
 }
 
-// Made once per request and moved once; boxing the header would cost an allocation.
-#[allow(clippy::large_enum_variant)]
 enum Parsed {
-    /// The head, its length, and the length of the body that follows it.
-    Complete(RequestHeader, usize, usize),
+    Complete(Head),
     Partial,
     /// Malformed, or something this engine leaves to Pingora.
     Elsewhere,
+}
+
+/// A request head the engine takes, as positions in the buffer it was parsed from; its
+/// fields are in the connection's `fields`.
+struct Head {
+    method: Method,
+    target: std::ops::Range<usize>,
+    /// The head's length, and the length of the body that follows it.
+    len: usize,
+    body: usize,
+}
+
+/// A header field: its name, and where its value is in the head's bytes.
+type Field = (HeaderName, std::ops::Range<usize>);
+
+/// Where `part` (a slice of `buf`) sits in `buf`.
+fn span(buf: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+impl Head {
+    /// The request header, its target and values sharing `bytes` (the head as parsed);
+    /// the bytes back when the `http` types refuse the target or a value (for Pingora's
+    /// 400).
+    fn build(self, bytes: Bytes, fields: &mut Vec<Field>) -> Result<RequestHeader, Bytes> {
+        let target = &bytes[self.target.clone()];
+        let uri = if target.iter().all(|b| b.is_ascii() && *b != b'#') {
+            let pq = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()));
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = pq.ok();
+            http::Uri::from_parts(parts).ok()
+        } else {
+            // Pingora's own reading (it drops a fragment, and keeps non-ASCII bytes).
+            RequestHeader::build_no_case(Method::GET, target, Some(0))
+                .ok()
+                .map(|r| r.uri.clone())
+        };
+        let Some(uri) = uri.filter(|u| u.path_and_query().is_some()) else {
+            return Err(bytes);
+        };
+        let mut map = http::HeaderMap::with_capacity(fields.len() + ROOM);
+        for (name, value) in fields.drain(..) {
+            match HeaderValue::from_maybe_shared(bytes.slice(value)) {
+                Ok(value) => map.append(name, value),
+                Err(_) => return Err(bytes),
+            };
+        }
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        parts.method = self.method;
+        parts.uri = uri;
+        parts.headers = map;
+        // Origin-form targets serialize from the URI (`RawTarget::FromUri`), which is what
+        // a header made from parts keeps.
+        Ok(RequestHeader::from(parts))
+    }
 }
 
 /// Request headers whose presence sends the connection to Pingora: a chunked body, an
@@ -328,10 +403,11 @@ fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
         || name.as_str() == "http2-settings"
 }
 
-fn parse_request(buf: &[u8]) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
+    fields.clear();
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Elsewhere,
@@ -343,18 +419,12 @@ fn parse_request(buf: &[u8]) -> Parsed {
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::Elsewhere;
     }
-    // Pingora's own constructor for the target (its raw form, checks, URI); the header
-    // map is built here and put in whole, since Pingora's insert parses each name again.
-    let Ok(target) = RequestHeader::build_no_case(method, path.as_bytes(), Some(0)) else {
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Elsewhere;
     };
-    let mut map = http::HeaderMap::with_capacity(req.headers.len());
     let mut body: Option<u64> = None;
     for h in req.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parsed::Elsewhere;
         };
         if leaves_engine(&name, h.value) {
@@ -371,13 +441,14 @@ fn parse_request(buf: &[u8]) -> Parsed {
                 _ => return Parsed::Elsewhere,
             }
         }
-        map.append(name, value);
+        fields.push((name, span(buf, h.value)));
     }
-    // Origin-form targets serialize from the URI (`RawTarget::FromUri`), which is what a
-    // header made from parts keeps.
-    let mut parts: http::request::Parts = target.into();
-    parts.headers = map;
-    Parsed::Complete(RequestHeader::from(parts), len, body.unwrap_or(0) as usize)
+    Parsed::Complete(Head {
+        method,
+        target: span(buf, path.as_bytes()),
+        len,
+        body: body.unwrap_or(0) as usize,
+    })
 }
 
 fn client_wants_close(req: &RequestHeader) -> bool {
@@ -388,11 +459,32 @@ fn client_wants_close(req: &RequestHeader) -> bool {
     })
 }
 
-/// Runs `f` under an optional time limit; None when it ran out.
-async fn within<T>(limit: Option<Duration>, f: impl std::future::Future<Output = T>) -> Option<T> {
-    match limit {
-        Some(d) => tokio::time::timeout(d, f).await.ok(),
-        None => Some(f.await),
+/// A connection's timer for one kind of limit, kept from request to request. Moving a
+/// Tokio timer's deadline later only records it (the timer re-arms itself when the old
+/// deadline comes), where a `timeout` per read enters and leaves the timer wheel each time.
+struct Deadline(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl Deadline {
+    fn new() -> Self {
+        // Not in the timer wheel until first used.
+        Deadline(Box::pin(tokio::time::sleep(Duration::from_secs(86_400))))
+    }
+
+    /// Runs `f` under an optional time limit; None when it ran out.
+    async fn within<T>(
+        &mut self,
+        limit: Option<Duration>,
+        f: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let Some(limit) = limit else {
+            return Some(f.await);
+        };
+        self.0.as_mut().reset(tokio::time::Instant::now() + limit);
+        tokio::select! {
+            biased;
+            v = f => Some(v),
+            _ = self.0.as_mut() => None,
+        }
     }
 }
 
@@ -663,15 +755,16 @@ async fn exchange<S: ClientStream>(
         let parsed = if buf.is_empty() {
             None
         } else {
-            parse_response(&buf)?
+            parse_response(&mut buf, &mut client.conn.fields)?
         };
-        let Some((resp, len, keepalive)) = parsed else {
+        let Some((resp, keepalive)) = parsed else {
             if buf.len() > MAX_HEAD {
                 return Error::e_explain(ErrorType::InvalidHTTPHeader, "response head too large")
                     .map_err(|e| e.into_up());
             }
             let read = read_upstream(
                 upstream,
+                &mut client.conn.upstream_read,
                 &mut buf,
                 read_timeout,
                 "while reading response headers",
@@ -687,7 +780,6 @@ async fn exchange<S: ClientStream>(
             }
             continue;
         };
-        buf.advance(len);
         if resp.status.is_informational() {
             if resp.status == StatusCode::SWITCHING_PROTOCOLS {
                 return Error::e_explain(ErrorType::InvalidHTTPHeader, "101 without an upgrade")
@@ -744,6 +836,7 @@ async fn exchange<S: ClientStream>(
         }
         match read_upstream(
             upstream,
+            &mut client.conn.upstream_read,
             &mut buf,
             read_timeout,
             "while reading response body",
@@ -767,6 +860,7 @@ async fn exchange<S: ClientStream>(
 /// Reads more of the upstream's response into `buf`.
 async fn read_upstream(
     upstream: &mut TcpStream,
+    timer: &mut Deadline,
     buf: &mut BytesMut,
     timeout: Option<Duration>,
     context: &'static str,
@@ -774,7 +868,7 @@ async fn read_upstream(
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(16 * 1024);
     }
-    match within(timeout, upstream.read_buf(buf)).await {
+    match timer.within(timeout, upstream.read_buf(buf)).await {
         None => Error::e_explain(ErrorType::ReadTimedout, context).map_err(|e| e.into_up()),
         Some(Ok(0)) => {
             let mut e = Error::explain(ErrorType::ConnectionClosed, context).into_up();
@@ -786,21 +880,12 @@ async fn read_upstream(
     }
 }
 
-/// A complete response head in `buf`: the header, its length, and whether the upstream
-/// keeps the connection open afterwards.
-fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => {
-            return Err(
-                Error::explain(ErrorType::InvalidHTTPHeader, format!("response head: {e}"))
-                    .into_up(),
-            )
-        }
-    };
+/// A complete response head taken off the front of `buf`: the header (its values slices of
+/// the head's bytes), and whether the upstream keeps the connection open afterwards.
+fn parse_response(
+    buf: &mut BytesMut,
+    fields: &mut Vec<Field>,
+) -> Result<Option<(ResponseHeader, bool)>> {
     let bad = |what: &str| {
         Error::explain(
             ErrorType::InvalidHTTPHeader,
@@ -808,18 +893,26 @@ fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
         )
         .into_up()
     };
+    fields.clear();
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(bad(&e.to_string())),
+    };
     let code = resp.code.ok_or_else(|| bad("no status"))?;
     let status = StatusCode::from_u16(code).map_err(|_| bad("status"))?;
     let http10 = resp.version == Some(0);
     let mut keepalive = !http10;
-    // The header map is built here and put in whole: Pingora's insert parses each name
-    // again.
-    let mut map = http::HeaderMap::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
         if name == header::CONNECTION {
-            for t in value.as_bytes().split(|b| *b == b',') {
+            for t in h.value.split(|b| *b == b',') {
                 let t = t.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
                     keepalive = false;
@@ -828,6 +921,17 @@ fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
                 }
             }
         }
+        fields.push((name, span(buf, h.value)));
+    }
+    let reason = resp
+        .reason
+        .filter(|r| status.canonical_reason() != Some(*r))
+        .map(|r| r.to_string());
+    let bytes = buf.split_to(len).freeze();
+    let mut map = http::HeaderMap::with_capacity(fields.len() + ROOM);
+    for (name, value) in fields.drain(..) {
+        let value =
+            HeaderValue::from_maybe_shared(bytes.slice(value)).map_err(|_| bad("header value"))?;
         map.append(name, value);
     }
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -839,13 +943,11 @@ fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize, bool)>> {
     };
     parts.headers = map;
     let mut head = ResponseHeader::from(parts);
-    if let Some(reason) = resp.reason {
-        if status.canonical_reason() != Some(reason) {
-            head.set_reason_phrase(Some(reason))
-                .map_err(|_| bad("reason phrase"))?;
-        }
+    if reason.is_some() {
+        head.set_reason_phrase(reason.as_deref())
+            .map_err(|_| bad("reason phrase"))?;
     }
-    Ok(Some((head, len, keepalive)))
+    Ok(Some((head, keepalive)))
 }
 
 /// Takes body bytes off the front of the upstream buffer as the framing delimits them.
@@ -1018,18 +1120,18 @@ mod tests {
     use super::*;
 
     fn head(raw: &str) -> Parsed {
-        parse_request(raw.as_bytes())
+        parse_request(raw.as_bytes(), &mut Vec::new())
     }
 
     #[test]
     fn simple_requests_stay_and_the_rest_go_to_pingora() {
         assert!(matches!(
             head("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"),
-            Parsed::Complete(_, _, 0)
+            Parsed::Complete(Head { body: 0, .. })
         ));
         assert!(matches!(
             head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab"),
-            Parsed::Complete(_, _, 3)
+            Parsed::Complete(Head { body: 3, .. })
         ));
         assert!(matches!(
             head("GET /a HTTP/1.1\r\nHost: x\r\n"),
