@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 pub struct Snapshot {
     pub listeners: Vec<Arc<Listener>>,
     listener_index: HashMap<String, usize>,
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: foldhash::HashMap<String, Arc<Cluster>>,
     pub admin_address: Option<SocketAddr>,
     pub bootstrap: Bootstrap,
     /// The management server, when the bootstrap has `dynamic_resources`.
@@ -194,7 +194,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
     let mut listeners = Vec::new();
     let mut listener_index = HashMap::new();
     let mut pending: Vec<(String, &ListenerProto, String)> = Vec::new();
-    let mut clusters = HashMap::new();
+    let mut clusters = foldhash::HashMap::default();
     if let Some(sr) = static_resources {
         let StaticResources {
             listeners: listener_protos,

@@ -893,10 +893,13 @@ fn start_attempts<C: Client>(session: &mut C, ctx: &mut RequestCtx, timeout: Opt
         _ => None,
     });
     let mut policy = effective_policy(configured, headers);
-    let timeout = header_ms(headers, &names::X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS).unwrap_or(timeout);
+    // As in effective_policy: no lookups when no name could match.
+    let envoy_fields = headers.keys().any(|n| n.as_str().starts_with("x-envoy-"));
+    let header_ms = |name| envoy_fields.then(|| header_ms(headers, name)).flatten();
+    let timeout = header_ms(&names::X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS).unwrap_or(timeout);
     if let (Some(p), Some(per_try)) = (
         policy.as_mut(),
-        header_ms(headers, &names::X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS),
+        header_ms(&names::X_ENVOY_UPSTREAM_RQ_PER_TRY_TIMEOUT_MS),
     ) {
         p.per_try_timeout = per_try;
     }

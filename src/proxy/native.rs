@@ -16,7 +16,6 @@
 //! from then on.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -591,7 +590,7 @@ impl Idle {
 /// one thread with its own runtime, so connections never cross threads.
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<PoolKey, Vec<Idle>>,
+    idle: foldhash::HashMap<PoolKey, Vec<Idle>>,
     swept: Option<Instant>,
 }
 
