@@ -179,6 +179,10 @@ pub struct Chain {
     /// Where the HCM sits in `filters` (for error paths).
     pub hcm_index: usize,
     pub hcm: HttpConnectionManager,
+    /// Every cluster the routes can send to speaks plaintext HTTP/1.1, which legate's own
+    /// HTTP/1 engine carries (`proxy::native`); otherwise the chain's requests go to
+    /// Pingora. Set by the snapshot, which knows the clusters.
+    pub plain_upstreams: bool,
 }
 
 /// Envoy's connection_limit network filter: at most `max` open connections on the chain,
@@ -576,6 +580,7 @@ fn convert_filter_chain(
         errs,
     )?;
     Some(Chain {
+        plain_upstreams: false,
         connection_limit,
         hcm_index,
         name: name.clone(),

@@ -35,9 +35,6 @@ pub struct Snapshot {
     pub rds_timeouts: HashMap<String, Option<std::time::Duration>>,
     /// Listeners waiting for their RDS routes (not serving yet).
     pub warming: Vec<String>,
-    /// Every cluster speaks plaintext HTTP/1.1, which legate's own HTTP/1 engine can carry
-    /// (`proxy::native`); otherwise its connections go to Pingora.
-    pub plain_upstreams: bool,
 }
 
 impl Snapshot {
@@ -266,7 +263,8 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
     let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
     for (at, l, default_name) in pending {
         rds.missing = false;
-        let Some(listener) = Listener::convert(l, &at, default_name.clone(), &mut rds, &mut errs)
+        let Some(mut listener) =
+            Listener::convert(l, &at, default_name.clone(), &mut rds, &mut errs)
         else {
             if rds.missing {
                 warming.push(if l.name.is_empty() {
@@ -306,6 +304,14 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
                 .routes
                 .check_clusters(&rc_at, &|n| clusters.contains_key(n), &mut errs);
         }
+        for chain in &mut listener.chains {
+            // A missing cluster is answered locally (503), by either engine.
+            chain.plain_upstreams = chain.hcm.routes.clusters_all(|n| {
+                clusters
+                    .get(n)
+                    .is_none_or(|c: &Arc<Cluster>| c.speaks_plain_http1())
+            });
+        }
         listener_index.insert(listener.name.clone(), listeners.len());
         listeners.push(Arc::new(listener));
     }
@@ -319,9 +325,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         }
     }
     errs.into_result(())?;
-    let plain_upstreams = clusters.values().all(|c| c.speaks_plain_http1());
     Ok(Snapshot {
-        plain_upstreams,
         listeners,
         listener_index,
         clusters,

@@ -129,6 +129,45 @@ fn the_native_engine_serves_simple_requests_itself() {
 }
 
 #[test]
+fn only_listeners_whose_routes_reach_http2_or_tls_clusters_go_to_pingora() {
+    let upstream = raw_upstream();
+    let (plain, mixed) = (free_port(), free_port());
+    const H2: &str = r#"typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    explicit_http_config: {http2_protocol_options: {}}"#;
+    let routes = |extra: &str| {
+        format!("virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n{extra}  - match: {{prefix: /}}\n    route: {{cluster: c}}\n")
+    };
+    let yaml = bootstrap(
+        &[
+            listener_yaml("plain", plain, &routes(""), ""),
+            listener_yaml(
+                "mixed",
+                mixed,
+                &routes("  - match: {prefix: /grpc}\n    route: {cluster: h2}\n"),
+                "",
+            ),
+        ],
+        &[
+            cluster_yaml("c", &[upstream], ""),
+            cluster_yaml("h2", &[free_port()], H2),
+            // Reached by no route, as an xDS server's cluster is not.
+            cluster_yaml("unused", &[free_port()], H2),
+        ],
+    );
+    let mut l = Legate::spawn_with(&yaml, &["--engine", "native"]);
+    wait_for_port(plain, Some(&mut l.child));
+    wait_for_port(mixed, Some(&mut l.child));
+    let raw = b"GET /plain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    // The engine that answered shows in the case of an upstream field's name (see above).
+    let n = String::from_utf8_lossy(&exchange(plain, raw)).to_string();
+    let p = String::from_utf8_lossy(&exchange(mixed, raw)).to_string();
+    assert!(n.contains("\r\nx-case: Mixed\r\n"), "{n}");
+    assert!(p.contains("\r\nX-Case: Mixed\r\n"), "{p}");
+}
+
+#[test]
 fn a_chunked_request_hands_the_connection_to_pingora_mid_stream() {
     let up = Upstream::start("up");
     let (_l, port) = native_one_route(&up, "");

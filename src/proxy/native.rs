@@ -11,7 +11,7 @@
 //!
 //! It handles what it fully implements: HTTP/1.1 requests without a body or upgrade,
 //! forwarded to plaintext HTTP/1.1 clusters. Anything else (a request body, an upgrade,
-//! `Expect`, HTTP/1.0, a TLS or HTTP/2 cluster anywhere in the config, a head it cannot
+//! `Expect`, HTTP/1.0, routes that can reach a TLS or HTTP/2 cluster, a head it cannot
 //! parse) hands the connection, with the bytes already read, to Pingora, which serves it
 //! from then on.
 
@@ -134,7 +134,12 @@ pub(crate) async fn serve<S: ClientStream>(
         };
         let body_len = head.body;
         let snapshot = shared.load_full();
-        if !snapshot.plain_upstreams {
+        let chain = info.map_or(0, |i| i.chain);
+        let plain = snapshot
+            .listener_at(local)
+            .and_then(|l| l.chains.get(chain))
+            .is_none_or(|c| c.plain_upstreams);
+        if !plain {
             return Some((conn.io, conn.input));
         }
         // The head's values and target become slices of its bytes, not copies.

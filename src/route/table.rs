@@ -314,6 +314,24 @@ impl RouteTable {
 }
 
 impl RouteTable {
+    /// Whether every cluster a route can send to passes `ok`; false when a route picks its
+    /// cluster from a request header.
+    pub fn clusters_all(&self, ok: impl Fn(&str) -> bool) -> bool {
+        self.virtual_hosts
+            .iter()
+            .flat_map(|vh| &vh.routes)
+            .all(|route| match &route.action {
+                crate::route::Action::Forward(a) => match &a.cluster {
+                    crate::route::ClusterChoice::Named(n) => ok(n),
+                    crate::route::ClusterChoice::Weighted(w) => {
+                        w.clusters.iter().all(|c| ok(&c.name))
+                    }
+                    crate::route::ClusterChoice::FromHeader(_) => false,
+                },
+                _ => true,
+            })
+    }
+
     /// Every cluster a route names, with the path of the field that names it.
     fn named_clusters(&self, at: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
