@@ -659,22 +659,19 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 /// The hop-by-hop fields Pingora strips from every request it sends upstream (the
-/// others never reach here: requests carrying them go to Pingora).
+/// others never reach here: requests carrying them go to Pingora), in one pass over the
+/// few names the request has.
 fn strip_hop_by_hop(req: &mut RequestHeader) {
-    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::CONNECTION,
-    ] {
-        // A lookup by a parsed name; removal goes through Pingora only when needed.
-        if req.headers.contains_key(name) {
-            req.remove_header(name);
-        }
-    }
+    crate::route::headers::remove_where(req, |n| {
+        matches!(
+            n,
+            "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "connection"
+        )
+    });
 }
 
 /// An I/O failure talking to the upstream; worth a transparent retry when the connection
@@ -738,8 +735,13 @@ async fn exchange<S: ClientStream>(
     upstream: &mut TcpStream,
     read_timeout: Option<Duration>,
 ) -> Result<bool> {
-    let mut req = client.req.clone();
-    req.set_version(Version::HTTP_11);
+    // A copy for this try (retries start from the client's request again), made from the
+    // parts: Pingora's clone goes through a request builder.
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = client.req.method.clone();
+    parts.uri = client.req.uri.clone();
+    parts.headers = client.req.headers.clone();
+    let mut req = RequestHeader::from(parts);
     strip_hop_by_hop(&mut req);
     prepare_upstream_request(ctx, &client.req, false, &mut req);
     let Some(mut wire) = pingora::protocols::http::v1::client::http_req_header_to_wire(&req) else {
