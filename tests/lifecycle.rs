@@ -41,6 +41,14 @@ fn drain_listeners_stops_accepting_and_ready_reports_draining() {
     let _l = Legate::start(&yaml, port);
     wait_for_port(admin, None);
     assert_eq!(get(admin, "/ready", "admin").status, 200);
+    // A kept-alive connection, and one accepted whose first request is still to come.
+    let mut kept = KeepAlive::connect(port).unwrap();
+    assert_eq!(kept.get("/", "w").unwrap().status, 200);
+    let mut fresh = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         get(admin, "/drain_listeners", "admin").status,
         405,
@@ -55,6 +63,22 @@ fn drain_listeners_stops_accepting_and_ready_reports_draining() {
     });
     let r = get(admin, "/ready", "admin");
     assert_eq!((r.status, r.body.as_str()), (503, "DRAINING\n"));
+    // The idle kept-alive connection was closed; the new one's first request is served,
+    // and then the connection closes (on the native engine; Pingora's proxy closes both).
+    assert!(
+        kept.get("/", "w").is_err(),
+        "an idle connection outlived the drain"
+    );
+    if !engine_args().contains(&"pingora".to_string()) {
+        use std::io::{Read, Write};
+        fresh
+            .write_all(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+            .unwrap();
+        let mut raw = Vec::new();
+        let _ = fresh.read_to_end(&mut raw);
+        let r = parse_response(&raw);
+        assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    }
 }
 
 /// Inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp).

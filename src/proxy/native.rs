@@ -40,6 +40,9 @@ use crate::snapshot::Snapshot;
 const MAX_HEAD: usize = 64 * 1024;
 /// More headers than this go to Pingora (which takes 256; Envoy's default limit is 100).
 const MAX_HEADERS: usize = 128;
+/// How long a connection accepted before a shutdown may take to send its first request
+/// (Envoy's default `drain_timeout`).
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Pingora's read timeout for a connection's first request head.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Larger request bodies go to Pingora, which streams them. Pingora keeps this much of a
@@ -101,6 +104,8 @@ pub(crate) async fn serve<S: ClientStream>(
     };
     // Between requests: None before the first; then the keep-alive limit, if any.
     let mut idle: Option<Option<Duration>> = None;
+    // Shutting down while waiting for the connection's first request.
+    let mut draining = false;
     loop {
         // Reading a body: Pingora's read timeout applies, not the keep-alive one.
         let mut in_body = false;
@@ -117,15 +122,25 @@ pub(crate) async fn serve<S: ClientStream>(
             }
             let limit = match idle {
                 Some(keepalive) if !in_body => keepalive,
+                _ if draining => Some(DRAIN_GRACE),
                 _ => Some(FIRST_REQUEST_TIMEOUT),
             };
-            let between_requests = conn.input.is_empty();
+            let between_requests = conn.input.is_empty() && !draining;
             let read = conn.io.read_buf(&mut conn.input);
             let n = tokio::select! {
                 biased;
                 n = conn.idle.within(limit, read) => n,
-                // Pingora drops connections waiting for a request when the service stops.
-                _ = shutdown.wait_for(|down| *down), if between_requests => return None,
+                _ = shutdown.wait_for(|down| *down), if between_requests => {
+                    // A kept-alive connection waiting for its next request closes when the
+                    // service stops, as Pingora's do. A new connection's first request may
+                    // be on its way (the client connected before the listener stopped):
+                    // it is served, with `connection: close`.
+                    if idle.is_some() {
+                        return None;
+                    }
+                    draining = true;
+                    continue;
+                }
             };
             match n {
                 Some(Ok(n)) if n > 0 => {}
@@ -171,6 +186,9 @@ pub(crate) async fn serve<S: ClientStream>(
             body_sent: 0,
         };
         if *shutdown.borrow() {
+            // As if the client had asked to close: the request logic's keep-alive setting
+            // must not reopen it.
+            client.client_close = true;
             client.keepalive = None;
         }
         let mut ctx = RequestCtx::default();
