@@ -509,3 +509,47 @@ fn legate_routes_like_envoy() {
         mismatches.join("\n")
     );
 }
+
+/// Sends a request with `Expect: 100-continue` and holds the body back until an interim
+/// response arrives (as curl does, up to a second): the interim status, then the final
+/// response's status.
+fn expect_continue(port: u16) -> (u16, u16) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let interim = parse_response(&head).status;
+    s.write_all(b"hello").unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    (interim, parse_response(&rest).status)
+}
+
+#[test]
+fn expect_100_continue_is_answered_by_the_proxy_like_envoy() {
+    // Envoy's default (`proxy_100_continue: false`): the proxy answers `100 Continue`
+    // itself and the upstream never sees `Expect`.
+    let (la, ea) = (Upstream::start("a"), Upstream::start("a"));
+    let (lp, ep) = (free_port(), free_port());
+    let _e = Envoy::start(&one_route_bootstrap(ep, "", &[ea.port()], ""), ep);
+    let _l = Legate::start(&one_route_bootstrap(lp, "", &[la.port()], ""), lp);
+    for (port, up) in [(ep, &ea), (lp, &la)] {
+        assert_eq!(expect_continue(port), (100, 200), "port {port}");
+        let seen = up.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].body, "hello");
+        assert_eq!(seen[0].header("expect"), None, "port {port}");
+    }
+}

@@ -350,6 +350,8 @@ pub(crate) trait Client {
     fn body_bytes_read(&self) -> usize;
     fn body_bytes_sent(&self) -> usize;
     async fn write_reply(&mut self, resp: ResponseHeader, body: Option<Bytes>) -> Result<()>;
+    /// `100 Continue` to the client (once).
+    async fn send_continue(&mut self) -> Result<()>;
 }
 
 impl Client for Session {
@@ -396,6 +398,9 @@ impl Client for Session {
             self.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+    async fn send_continue(&mut self) -> Result<()> {
+        self.write_continue_response().await
     }
 }
 
@@ -752,6 +757,15 @@ pub(crate) async fn handle_request<C: Client>(
         send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
         return Ok(true);
     }
+    if expects_continue(session.req_header()) {
+        // Envoy's default (`proxy_100_continue: false`, the only setting accepted): the
+        // proxy answers the interim response itself, and the upstream never sees the
+        // header (so never sends one of its own).
+        session.send_continue().await?;
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
+    }
     ctx.remote = session.remote_addr();
     ctx.local = local;
     let scheme = match session.connection().and_then(|i| i.tls.as_ref()) {
@@ -834,6 +848,15 @@ pub(crate) async fn handle_request<C: Client>(
             Ok(false)
         }
     }
+}
+
+/// `Expect: 100-continue` (other expectations pass through, as in Envoy).
+pub(crate) fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
+    req.headers.get(http::header::EXPECT).is_some_and(|v| {
+        v.as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"100-continue")
+    })
 }
 
 /// What the access log needs from a finished request.

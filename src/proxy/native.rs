@@ -9,9 +9,10 @@
 //! Pingora hooks call: routing, header rules, filters, retries, timeouts, stats, access
 //! log) so that both engines answer alike.
 //!
-//! It handles what it fully implements: HTTP/1.1 requests without a body or upgrade,
-//! forwarded to plaintext HTTP/1.1 clusters. Anything else (a request body, an upgrade,
-//! `Expect`, HTTP/1.0, routes that can reach a TLS or HTTP/2 cluster, a head it cannot
+//! It handles what it fully implements: HTTP/1.1 requests without a body or with a
+//! content-length one up to 64 KiB (`Expect: 100-continue` answered as Envoy does), no
+//! upgrade, forwarded to plaintext HTTP/1.1 clusters. Anything else (a chunked or larger
+//! body, an upgrade, another `Expect`, HTTP/1.0, routes that can reach a TLS or HTTP/2 cluster, a head it cannot
 //! parse) hands the connection, with the bytes already read, to Pingora, which serves it
 //! from then on.
 
@@ -40,6 +41,7 @@ use crate::snapshot::Snapshot;
 const MAX_HEAD: usize = 64 * 1024;
 /// More headers than this go to Pingora (which takes 256; Envoy's default limit is 100).
 const MAX_HEADERS: usize = 128;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// How long a connection accepted before a shutdown may take to send its first request
 /// (Envoy's default `drain_timeout`).
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -109,13 +111,29 @@ pub(crate) async fn serve<S: ClientStream>(
     loop {
         // Reading a body: Pingora's read timeout applies, not the keep-alive one.
         let mut in_body = false;
+        // `100 Continue` sent for this request.
+        let mut continued = false;
         let head = loop {
             if !conn.input.is_empty() {
                 match parse_request(&conn.input, &mut conn.fields) {
                     Parsed::Complete(head) if conn.input.len() >= head.len + head.body => {
                         break head
                     }
-                    Parsed::Complete(..) => in_body = true,
+                    Parsed::Complete(head) => {
+                        in_body = true;
+                        if head.expect_continue && !continued {
+                            if !serves_chain(&shared.load(), local, info) {
+                                // Pingora answers it (and sends the `100` itself).
+                                return Some((conn.io, conn.input));
+                            }
+                            // The client may hold the body back until it hears from us.
+                            conn.output.put_slice(CONTINUE);
+                            if conn.flush().await.is_err() {
+                                return None;
+                            }
+                            continued = true;
+                        }
+                    }
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
                     _ => return Some((conn.io, conn.input)),
                 }
@@ -149,12 +167,7 @@ pub(crate) async fn serve<S: ClientStream>(
         };
         let body_len = head.body;
         let snapshot = shared.load_full();
-        let chain = info.map_or(0, |i| i.chain);
-        let plain = snapshot
-            .listener_at(local)
-            .and_then(|l| l.chains.get(chain))
-            .is_none_or(|c| c.plain_upstreams);
-        if !plain {
+        if !serves_chain(&snapshot, local, info) {
             return Some((conn.io, conn.input));
         }
         // The head's values and target become slices of its bytes, not copies.
@@ -184,6 +197,7 @@ pub(crate) async fn serve<S: ClientStream>(
             keepalive,
             response: None,
             body_sent: 0,
+            continued,
         };
         if *shutdown.borrow() {
             // As if the client had asked to close: the request logic's keep-alive setting
@@ -212,6 +226,19 @@ pub(crate) async fn serve<S: ClientStream>(
             Some(s) => idle = Some(Some(Duration::from_secs(s))),
         }
     }
+}
+
+/// Whether the connection's filter chain, in this snapshot, is the engine's to serve: its
+/// routes reach only plaintext HTTP/1.1 clusters.
+fn serves_chain(
+    snapshot: &Snapshot,
+    local: SocketAddr,
+    info: Option<&crate::io::ConnectionInfo>,
+) -> bool {
+    snapshot
+        .listener_at(local)
+        .and_then(|l| l.chains.get(info.map_or(0, |i| i.chain)))
+        .is_none_or(|c| c.plain_upstreams)
 }
 
 struct Connection<S> {
@@ -259,6 +286,8 @@ struct NativeClient<'c, S> {
     keepalive: Option<u64>,
     response: Option<ResponseHeader>,
     body_sent: usize,
+    /// `100 Continue` already sent.
+    continued: bool,
 }
 
 impl<S: ClientStream> NativeClient<'_, S> {
@@ -331,6 +360,14 @@ impl<S: ClientStream> Client for NativeClient<'_, S> {
     fn body_bytes_sent(&self) -> usize {
         self.body_sent
     }
+    async fn send_continue(&mut self) -> Result<()> {
+        if !self.continued {
+            // Goes out with the response (the body is here already).
+            self.conn.output.put_slice(CONTINUE);
+            self.continued = true;
+        }
+        Ok(())
+    }
     async fn write_reply(&mut self, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
         self.put_head(&mut resp)?;
         if let Some(body) = body {
@@ -357,6 +394,8 @@ struct Head {
     /// The head's length, and the length of the body that follows it.
     len: usize,
     body: usize,
+    /// `Expect: 100-continue`: the client may wait for a `100 Continue` before the body.
+    expect_continue: bool,
 }
 
 /// A header field: its name, and where its value is in the head's bytes.
@@ -417,9 +456,12 @@ fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
             t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
         });
     }
+    if name == header::EXPECT {
+        // `100-continue` is answered here (see `serve`); other expectations go to Pingora.
+        return !value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+    }
     name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
-        || name == header::EXPECT
         || name == header::TE
         || name == header::TRAILER
         || name.as_str() == "http2-settings"
@@ -445,6 +487,7 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         return Parsed::Elsewhere;
     };
     let mut body: Option<u64> = None;
+    let mut expect_continue = false;
     for h in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parsed::Elsewhere;
@@ -452,6 +495,7 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         if leaves_engine(&name, h.value) {
             return Parsed::Elsewhere;
         }
+        expect_continue |= name == header::EXPECT;
         if name == header::CONTENT_LENGTH {
             // One plain decimal length; repeated or odd ones are Pingora's to judge.
             let n = std::str::from_utf8(h.value.trim_ascii())
@@ -470,6 +514,7 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         target: span(buf, path.as_bytes()),
         len,
         body: body.unwrap_or(0) as usize,
+        expect_continue,
     })
 }
 
@@ -1161,6 +1206,14 @@ mod tests {
             head("GET /a HTTP/1.1\r\nHost: x\r\n"),
             Parsed::Partial
         ));
+        assert!(matches!(
+            head("POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n"),
+            Parsed::Complete(Head {
+                body: 3,
+                expect_continue: true,
+                ..
+            })
+        ));
         for raw in [
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
@@ -1168,7 +1221,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nExpect: x-other\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
             "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
