@@ -522,15 +522,7 @@ fn expect_continue(port: u16) -> (u16, u16) {
         b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    let interim = parse_response(&head).status;
+    let interim = parse_response(&read_head(&mut s)).status;
     s.write_all(b"hello").unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);

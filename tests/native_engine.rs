@@ -50,12 +50,7 @@ fn exchange(port: u16, raw: &[u8]) -> Vec<u8> {
 
 /// Reads one content-length framed response off a kept-alive connection.
 fn read_one(s: &mut TcpStream) -> Response {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
-        buf.push(byte[0]);
-    }
+    let mut buf = read_head(s);
     let head = parse_response(&buf);
     let len: usize = head
         .header("content-length")

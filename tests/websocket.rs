@@ -81,12 +81,7 @@ fn handshake(port: u16) -> (u16, TcpStream) {
         b"GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed during the handshake");
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut s);
     let status = String::from_utf8_lossy(&head)
         .split(' ')
         .nth(1)

@@ -223,6 +223,24 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Reads one message head (up to and including the blank line) byte by byte, so that
+/// nothing after it is consumed; panics if the connection closes first.
+pub fn read_head(s: &mut impl Read) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).unwrap_or(0);
+        assert_eq!(
+            n,
+            1,
+            "connection closed mid-head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    head
+}
+
 pub fn legate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_legate"))
 }
