@@ -89,6 +89,7 @@ pub fn mutate_request_headers(
     if upgrade {
         let _ = req.insert_header(http::header::CONNECTION, "upgrade");
     }
+    sanitize_te(req);
     if req.headers.get_all(http::header::REFERER).iter().count() > 1 {
         req.remove_header(&http::header::REFERER);
     }
@@ -160,6 +161,27 @@ pub fn mutate_request_headers(
     Downstream { remote, request_id }
 }
 
+/// Envoy keeps `te` only as `trailers`, and only when the client offered it: gRPC servers
+/// on the C core (grpcio) reset a stream that lacks it, and other transfer codings are
+/// this hop's business alone.
+fn sanitize_te(req: &mut RequestHeader) {
+    let Some(te) = req.headers.get(http::header::TE) else {
+        return;
+    };
+    let trailers = te.as_bytes().split(|b| *b == b',').any(|t| {
+        t.split(|b| *b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"trailers")
+    });
+    if trailers {
+        let _ = req.insert_header(http::header::TE, "trailers");
+    } else {
+        req.remove_header(&http::header::TE);
+    }
+}
+
 /// The address `skip` entries from the right of x-forwarded-for.
 fn xff_address(req: &RequestHeader, skip: u32) -> Option<IpAddr> {
     let xff = req.headers.get(&names::X_FORWARDED_FOR)?.to_str().ok()?;
@@ -216,4 +238,25 @@ pub fn requested_upgrade(req: &RequestHeader) -> Option<String> {
     }
     let t = req.headers.get(http::header::UPGRADE)?.to_str().ok()?;
     Some(t.trim().to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn te_is_kept_only_as_trailers() {
+        for (sent, kept) in [
+            ("trailers", Some("trailers")),
+            ("deflate, Trailers;q=0.5", Some("trailers")),
+            ("gzip", None),
+            ("trailersx", None),
+        ] {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            req.insert_header("te", sent).unwrap();
+            sanitize_te(&mut req);
+            let got = req.headers.get("te").map(|v| v.to_str().unwrap());
+            assert_eq!(got, kept, "{sent}");
+        }
+    }
 }

@@ -95,6 +95,9 @@ pub struct RequestCtx {
     protocol: &'static str,
     /// An allowed upgrade (WebSocket): the connection becomes a tunnel after 101.
     upgrade: bool,
+    /// A body follows the request head, as the client framed it (decided before any
+    /// header edit).
+    body_follows: bool,
     /// One state slot per HTTP filter (empty when the HCM has none).
     filter_state: Vec<crate::filter::FilterState>,
     snapshot: Option<Arc<Snapshot>>,
@@ -243,10 +246,7 @@ impl ProxyHttp for LegateProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        // An HTTP/2 request without END_STREAM on its headers has a body to come, with or
-        // without content-length (HTTP/1 framing is read from the headers instead).
-        let body_follows = session.is_http2() && !session.as_downstream_mut().is_body_empty();
-        prepare_upstream_request(ctx, session.req_header(), body_follows, upstream_request);
+        prepare_upstream_request(ctx, session.req_header(), upstream_request);
         Ok(())
     }
 
@@ -337,6 +337,11 @@ pub(crate) trait Client {
     /// What the accept path decided (filter chain, TLS, limits), where it kept anything.
     fn connection(&self) -> Option<&crate::io::ConnectionInfo>;
     fn is_http2(&self) -> bool;
+    /// Whether a body follows the request head, as the client framed it (content-length,
+    /// chunked, or an HTTP/2 stream left open). Called once, before any header edit:
+    /// Pingora's HTTP/1 session fixes how it reads the body on the first such question, and
+    /// removing `transfer-encoding` (hop-by-hop) later must not change that.
+    fn body_follows(&mut self) -> bool;
     /// Pingora's keep-alive switch: None closes after this response, `Some(0)` keeps the
     /// connection without a time limit, `Some(s)` for `s` idle seconds.
     fn set_keepalive(&mut self, seconds: Option<u64>);
@@ -366,6 +371,9 @@ impl Client for Session {
     }
     fn is_http2(&self) -> bool {
         self.as_downstream().is_http2()
+    }
+    fn body_follows(&mut self) -> bool {
+        !self.as_downstream_mut().is_body_empty()
     }
     fn set_keepalive(&mut self, seconds: Option<u64>) {
         self.as_downstream_mut().set_keepalive(seconds)
@@ -496,7 +504,6 @@ pub(crate) fn connect_failed(ctx: &mut RequestCtx, etype: &ErrorType, replayable
 pub(crate) fn prepare_upstream_request(
     ctx: &mut RequestCtx,
     downstream: &pingora::http::RequestHeader,
-    body_follows: bool,
     upstream_request: &mut pingora::http::RequestHeader,
 ) {
     let (Some(m), Some(hcm)) = (ctx.matched(), ctx.hcm()) else {
@@ -515,8 +522,10 @@ pub(crate) fn prepare_upstream_request(
     upstream::finalize_request(
         upstream_request,
         upstream::Framing {
-            body_follows,
+            body_follows: ctx.body_follows,
             upgrade: ctx.upgrade,
+            // Sanitized to `trailers` or removed by the connection manager.
+            te_trailers: downstream.headers.contains_key(http::header::TE),
         },
         m,
         ctx.weighted,
@@ -711,6 +720,8 @@ pub(crate) async fn handle_request<C: Client>(
     session: &mut C,
     ctx: &mut RequestCtx,
 ) -> Result<bool> {
+    // Before any header edit (see `Client::body_follows`).
+    ctx.body_follows = session.body_follows();
     let local = session.local_addr();
     let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
         send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;

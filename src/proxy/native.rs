@@ -336,6 +336,9 @@ impl<S: ClientStream> Client for NativeClient<'_, S> {
     fn is_http2(&self) -> bool {
         false
     }
+    fn body_follows(&mut self) -> bool {
+        !self.body.is_empty()
+    }
     fn set_keepalive(&mut self, seconds: Option<u64>) {
         self.keepalive = if self.client_close { None } else { seconds };
     }
@@ -806,7 +809,7 @@ async fn exchange<S: ClientStream>(
     parts.headers = client.req.headers.clone();
     let mut req = RequestHeader::from(parts);
     strip_hop_by_hop(&mut req);
-    prepare_upstream_request(ctx, &client.req, false, &mut req);
+    prepare_upstream_request(ctx, &client.req, &mut req);
     let Some(mut wire) = pingora::protocols::http::v1::client::http_req_header_to_wire(&req) else {
         return Error::e_explain(ErrorType::InvalidHTTPHeader, "request head")
             .map_err(|e| e.into_in());

@@ -57,10 +57,14 @@ fn levels<'a>(
 /// How the downstream request is framed, which decides the hop-by-hop headers upstream.
 #[derive(Debug, Clone, Copy)]
 pub struct Framing {
-    /// An HTTP/2 request whose body is still to come.
+    /// A body follows the head (chunked, content-length, or an open HTTP/2 stream):
+    /// Pingora frames it upstream, and no `content-length: 0` is added.
     pub body_follows: bool,
     /// An allowed upgrade: `connection`/`upgrade` are kept for the tunnel.
     pub upgrade: bool,
+    /// The client offered `te: trailers` (gRPC): it goes upstream, as Envoy sends it,
+    /// though Pingora strips `te` as hop-by-hop.
+    pub te_trailers: bool,
 }
 
 pub fn finalize_request(
@@ -77,6 +81,9 @@ pub fn finalize_request(
     });
     if !framing.body_follows && !framing.upgrade {
         add_zero_content_length(req);
+    }
+    if framing.te_trailers {
+        let _ = req.insert_header(http::header::TE, "trailers");
     }
     for level in levels(m, weighted, &hcm.routes, true) {
         level.apply(req as &mut dyn HeaderTarget, fmt);

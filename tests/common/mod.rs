@@ -16,6 +16,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+pub mod wire;
+
 /// What an upstream saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -1,0 +1,213 @@
+//! Request bodies reach the upstream exactly as the client framed them: chunked uploads as
+//! curl sends them, 10 MB bodies chunked and with a content-length, with and without a
+//! retry policy, and a body replayed on a retry. The upstream reads the raw bytes with its
+//! own strict reader (tests/common/wire.rs). Runs through both HTTP engines
+//! (`LEGATE_TEST_ENGINE`), and the framing is checked against Envoy's.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::wire::{WireRequest, WireUpstream};
+use common::*;
+
+/// A gateway in front of one wire upstream, with the route fields given.
+fn gateway(upstream: &WireUpstream, route_extra: &str) -> (Legate, u16) {
+    let port = free_port();
+    let yaml = one_route_bootstrap(port, route_extra, &[upstream.port()], "");
+    (Legate::start(&yaml, port), port)
+}
+
+/// A body whose every byte position is recognisable (a shifted or cut body shows).
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Writes `body` as a chunked request with chunks of irregular sizes (1 byte to 64 KiB),
+/// then reads the whole response (`connection: close`).
+fn post_chunked(port: u16, body: &[u8], extra: &str) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n{extra}transfer-encoding: chunked\r\n\r\n"
+    );
+    let mut wire = head.into_bytes();
+    let sizes = [1usize, 7, 4096, 65536, 333, 16384];
+    let (mut at, mut i) = (0, 0);
+    while at < body.len() {
+        let n = sizes[i % sizes.len()].min(body.len() - at);
+        wire.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        wire.extend_from_slice(&body[at..at + n]);
+        wire.extend_from_slice(b"\r\n");
+        at += n;
+        i += 1;
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&wire).expect("send");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf)
+}
+
+fn post_with_length(port: u16, body: &[u8]) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body).expect("send body");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf)
+}
+
+/// The one request the upstream received, with its framing as the client's was.
+fn only_request(upstream: &WireUpstream) -> WireRequest {
+    assert!(
+        upstream.malformed().is_empty(),
+        "{:?}",
+        upstream.malformed()
+    );
+    let reqs = upstream.requests();
+    assert_eq!(reqs.len(), 1, "requests upstream: {reqs:?}");
+    reqs.into_iter().next().unwrap()
+}
+
+fn assert_chunked(req: &WireRequest, body: &[u8]) {
+    assert_eq!(
+        req.all("transfer-encoding"),
+        ["chunked"],
+        "{:?}",
+        req.fields
+    );
+    assert!(req.field("content-length").is_none(), "{:?}", req.fields);
+    assert_eq!(req.body.len(), body.len());
+    assert!(req.body == body, "the body arrived altered");
+}
+
+/// curl's own chunked uploads: `-T -` (PUT from standard input) and a POST of
+/// `--data-binary @-` with `Transfer-Encoding: chunked`, the report.
+#[test]
+fn curl_chunked_uploads_reach_the_upstream_whole() {
+    let upstream = WireUpstream::start();
+    let (_gw, port) = gateway(&upstream, "");
+    let url = format!("http://127.0.0.1:{port}/up");
+    let runs: [&[&str]; 2] = [
+        &["-T", "-"],
+        &["-H", "Transfer-Encoding: chunked", "--data-binary", "@-"],
+    ];
+    for (i, args) in runs.iter().enumerate() {
+        let mut curl = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(*args)
+            .arg(&url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        curl.stdin
+            .take()
+            .unwrap()
+            .write_all(b"hello world")
+            .unwrap();
+        let out = curl.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "curl {args:?}");
+        let reqs = upstream.requests();
+        assert_eq!(reqs.len(), i + 1, "{reqs:?}");
+        assert_chunked(&reqs[i], b"hello world");
+    }
+    assert!(upstream.malformed().is_empty());
+}
+
+#[test]
+fn ten_megabytes_chunked_arrive_byte_identical_with_and_without_a_retry_policy() {
+    let body = pattern(10 * 1024 * 1024);
+    for route in ["", "retry_policy: {retry_on: 5xx, num_retries: 2}"] {
+        let upstream = WireUpstream::start();
+        let (_gw, port) = gateway(&upstream, route);
+        let resp = post_chunked(port, &body, "");
+        assert_eq!(resp.status, 200, "{route}");
+        assert_chunked(&only_request(&upstream), &body);
+    }
+}
+
+#[test]
+fn ten_megabytes_with_a_content_length_arrive_byte_identical() {
+    let body = pattern(10 * 1024 * 1024);
+    for route in ["", "retry_policy: {retry_on: 5xx, num_retries: 2}"] {
+        let upstream = WireUpstream::start();
+        let (_gw, port) = gateway(&upstream, route);
+        let resp = post_with_length(port, &body);
+        assert_eq!(resp.status, 200, "{route}");
+        let req = only_request(&upstream);
+        assert_eq!(
+            req.field("content-length"),
+            Some(body.len().to_string().as_str())
+        );
+        assert!(req.field("transfer-encoding").is_none());
+        assert!(req.body == body, "the body arrived altered");
+    }
+}
+
+/// A retried request replays the chunked body it had (within the retry buffer).
+#[test]
+fn a_retry_replays_the_chunked_body() {
+    let upstream = WireUpstream::scripted(|i| if i == 0 { 503 } else { 200 });
+    let (_gw, port) = gateway(&upstream, "retry_policy: {retry_on: 5xx, num_retries: 1}");
+    let body = pattern(20_000);
+    let resp = post_chunked(port, &body, "");
+    assert_eq!(resp.status, 200);
+    let reqs = upstream.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    for req in &reqs {
+        assert_chunked(req, &body);
+    }
+}
+
+/// A chunked body that holds a whole request is data, not a second request (the bytes of a
+/// dropped body used to be read as the next request on the connection).
+#[test]
+fn a_request_inside_a_chunked_body_stays_body() {
+    let upstream = WireUpstream::start();
+    let (_gw, port) = gateway(&upstream, "");
+    let inner = b"GET /smuggled HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let resp = post_chunked(port, inner, "");
+    assert_eq!(resp.status, 200);
+    let req = only_request(&upstream);
+    assert_eq!(req.line, "POST /upload HTTP/1.1");
+    assert_chunked(&req, inner);
+}
+
+/// What Envoy 1.40 forwards for the same chunked upload: the same framing fields and the
+/// same body.
+#[test]
+fn chunked_upload_framing_matches_envoy() {
+    let body = pattern(100_000);
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let upstream = WireUpstream::start();
+        let port = free_port();
+        let yaml = one_route_bootstrap(port, "", &[upstream.port()], "");
+        let _proc: Box<dyn std::any::Any> = if envoy {
+            Box::new(Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        let resp = post_chunked(port, &body, "");
+        assert_eq!(resp.status, 200, "envoy: {envoy}");
+        let req = only_request(&upstream);
+        let framing: Vec<_> = req
+            .fields
+            .iter()
+            .filter(|(k, _)| k == "transfer-encoding" || k == "content-length")
+            .cloned()
+            .collect();
+        seen.push((req.line.clone(), framing, req.body == body));
+    }
+    assert_eq!(seen[0], seen[1], "envoy, then legate");
+}
