@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod filter;
 pub mod filters;
+pub mod http1;
 pub mod io;
 pub mod listener;
 pub mod proxy;

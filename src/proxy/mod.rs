@@ -1248,6 +1248,9 @@ fn response_flag(e: &Error, code: u16) -> &'static str {
         ) => "UF",
         (ErrorSource::Upstream, _) => "UC",
         (ErrorSource::Downstream, ErrorType::ReadTimedout) => "DT",
+        (ErrorSource::Downstream, ErrorType::ReadError) if crate::io::is_malformed_request(e) => {
+            "DPE"
+        }
         (
             ErrorSource::Downstream,
             ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
@@ -1293,6 +1296,10 @@ fn error_reply(e: &Error, attempts: &Attempts) -> Option<LocalReply> {
         _ => match e.esource() {
             ErrorSource::Upstream => reset("connection termination"),
             ErrorSource::Downstream => match e.etype() {
+                // A body whose chunked framing was refused part-way, as Envoy answers it.
+                ErrorType::ReadError if crate::io::is_malformed_request(e) => {
+                    LocalReply::new(400, "Bad Request")
+                }
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
                     return None
                 }

@@ -415,18 +415,11 @@ impl Head {
     /// the bytes back when the `http` types refuse the target or a value (for Pingora's
     /// 400).
     fn build(self, bytes: Bytes, fields: &mut Vec<Field>) -> Result<RequestHeader, Bytes> {
-        let target = &bytes[self.target.clone()];
-        let uri = if target.iter().all(|b| b.is_ascii() && *b != b'#') {
-            let pq = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()));
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = pq.ok();
-            http::Uri::from_parts(parts).ok()
-        } else {
-            // Pingora's own reading (it drops a fragment, and keeps non-ASCII bytes).
-            RequestHeader::build_no_case(Method::GET, target, Some(0))
-                .ok()
-                .map(|r| r.uri.clone())
-        };
+        // Visible ASCII without a fragment (`http1::check_request_head`).
+        let pq = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()));
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = pq.ok();
+        let uri = http::Uri::from_parts(parts).ok();
         let Some(uri) = uri.filter(|u| u.path_and_query().is_some()) else {
             return Err(bytes);
         };
@@ -482,6 +475,11 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Elsewhere;
     };
+    // A head Envoy would refuse goes to Pingora's side, where the same judgement refuses
+    // it (io::guarded): both engines answer it alike.
+    if crate::http1::check_request_head(&buf[..len]).is_err() {
+        return Parsed::Elsewhere;
+    }
     // Origin-form targets only; CONNECT, absolute-form and `*` go to Pingora.
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::Elsewhere;
@@ -1255,12 +1253,11 @@ mod tests {
         let a: Vec<_> = req.headers.get_all("x-a").iter().collect();
         assert_eq!(a, ["1", "2"]);
         assert_eq!(req.headers.get("host").unwrap(), "x");
-        // The fragment goes, as in Pingora's reading; so do the two forms the fast path
-        // leaves to it.
-        for target in ["/a#frag", "/caf\u{e9}?x=\u{e9}"] {
+        // Targets Envoy refuses (a fragment, non-ASCII bytes, a space) are not taken: they
+        // go to Pingora's side, where the same judgement refuses them.
+        for target in ["/a#frag", "/caf\u{e9}?x=\u{e9}", "/a b"] {
             let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
-            let pingora = RequestHeader::build_no_case("GET", target.as_bytes(), None).unwrap();
-            assert_eq!(built(&raw).uri, pingora.uri, "{target}");
+            assert!(matches!(head(&raw), Parsed::Elsewhere), "{target}");
         }
     }
 

@@ -30,6 +30,9 @@ use pingora::protocols::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 
+mod guarded;
+pub use guarded::is_malformed_request;
+
 /// Pingora's `DEFAULT_L4_WRITE_BUFFER_SIZE`: one Ethernet MSS.
 const WRITE_BUFFER: usize = 1460;
 
@@ -339,6 +342,8 @@ pub struct Downstream<T: Transport> {
     started: tokio::time::Instant,
     /// The 408 being written at shutdown, and how much of it went out.
     timeout_reply: Option<(Vec<u8>, usize)>,
+    /// HTTP/1 request bytes are judged before Pingora reads them (None under TLS's h2).
+    guard: Option<Box<guarded::Guarded>>,
 }
 
 impl<T: Transport> Downstream<T> {
@@ -348,7 +353,8 @@ impl<T: Transport> Downstream<T> {
             .and_then(|i| i.tls.as_ref())
             .map(|t| Arc::new(SslDigest::new(t.cipher, t.version, None, None, Vec::new())));
         let clock = info.as_ref().and_then(|i| i.clock.clone());
-        if matches!(stream.alpn(), Some(ALPN::H2)) {
+        let h2 = matches!(stream.alpn(), Some(ALPN::H2));
+        if h2 {
             if let Some(c) = &clock {
                 c.phase
                     .store(RequestClock::OFF, std::sync::atomic::Ordering::Relaxed);
@@ -374,6 +380,7 @@ impl<T: Transport> Downstream<T> {
             timer: None,
             started: tokio::time::Instant::now(),
             timeout_reply: None,
+            guard: (!h2).then(Default::default),
         }
     }
 }
@@ -417,6 +424,24 @@ impl<T: Transport> AsyncRead for Downstream<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let Some(mut guard) = this.guard.take() else {
+            return this.poll_read_timed(cx, buf);
+        };
+        let r = guard.poll_read(cx, buf, |cx, buf| this.poll_read_timed(cx, buf));
+        this.guard = Some(guard);
+        r
+    }
+}
+
+impl<T: Transport> Downstream<T> {
+    /// Reads from the connection, failing with a timeout once the connection manager's
+    /// request or header timer runs out.
+    fn poll_read_timed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         let Some(clock) = &this.clock else {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         };

@@ -1,0 +1,306 @@
+//! Is a request head well-formed HTTP/1.1, and how is its body framed? RFC 9112 §2.2
+//! (message parsing), §3 (request line and target), §5 (field syntax), §6 (framing) and
+//! RFC 9110 §7.2 (Host), judged as strictly as Envoy's codec judges them.
+
+/// How the bytes after a head are delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body: the next request's head follows.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// What a head asks of the rest of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub body: BodyFraming,
+    /// CONNECT or an upgrade: after the body the connection may stop being HTTP/1.
+    pub tunnel: bool,
+}
+
+/// Why a head (or a body's framing) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal(pub &'static str);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+pub(crate) fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A field value's bytes (RFC 9110 §5.5): visible ASCII, obs-text, SP and HTAB; no other
+/// control byte (NUL, bare CR or LF, DEL).
+pub(crate) fn is_field_value_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
+/// The request-target's bytes: visible ASCII only. Envoy refuses a space, a control byte,
+/// DEL and non-ASCII bytes (where Pingora's reader percent-escapes or drops them), and a
+/// `#` fragment, which a client never sends.
+fn is_target_byte(b: u8) -> bool {
+    (b'!'..=b'~').contains(&b) && b != b'#'
+}
+
+/// Host's bytes (RFC 3986 reg-name or IP-literal, and a port): no whitespace, no userinfo.
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)
+}
+
+/// A complete head: the request line, the field lines, and the empty line, every line
+/// ending in CRLF (one or more empty lines may come first, RFC 9112 §2.2). The framing
+/// of what follows, or why the head is refused.
+pub fn check_request_head(head: &[u8]) -> Result<Framing, Refusal> {
+    let mut lines = Lines(head);
+    let mut line = lines.next()?.ok_or(Refusal("incomplete head"))?;
+    while line.is_empty() {
+        line = lines.next()?.ok_or(Refusal("incomplete head"))?;
+    }
+    let (method, target, version) = request_line(line)?;
+    let http10 = match version {
+        b"HTTP/1.1" => false,
+        b"HTTP/1.0" => true,
+        _ => return Err(Refusal("HTTP version")),
+    };
+    check_target(method, target)?;
+
+    let mut hosts = 0;
+    let mut lengths = 0;
+    let mut length = None;
+    let mut te = 0;
+    let mut chunked = false;
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    loop {
+        let line = lines.next()?.ok_or(Refusal("incomplete head"))?;
+        if line.is_empty() {
+            break;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err(Refusal("obsolete line folding"));
+        }
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or(Refusal("field line without a colon"))?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+            return Err(Refusal("field name"));
+        }
+        if !value.iter().all(|b| is_field_value_byte(*b)) {
+            return Err(Refusal("field value"));
+        }
+        let value = value.trim_ascii();
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            if value.is_empty() || !value.iter().all(|b| is_host_byte(*b)) {
+                return Err(Refusal("host"));
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            length = Some(decimal(value)?);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te += 1;
+            chunked = value.eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection_upgrade |= value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        }
+    }
+    if lines.0.iter().any(|_| true) {
+        return Err(Refusal("bytes after the head"));
+    }
+    // RFC 9110 §7.2: exactly one Host in an HTTP/1.1 request.
+    if hosts > 1 || (hosts == 0 && !http10) {
+        return Err(Refusal("host count"));
+    }
+    let body = match (te, lengths) {
+        (0, 0) => BodyFraming::None,
+        (0, 1) => match length {
+            Some(0) | None => BodyFraming::None,
+            Some(n) => BodyFraming::Length(n),
+        },
+        // Repeated lengths, even equal ones, are refused as Envoy refuses them.
+        (0, _) => return Err(Refusal("content-length repeated")),
+        // RFC 9112 §6.1: both is a smuggling attempt; TE in HTTP/1.0 is faulty framing;
+        // anything but a lone `chunked` is a coding Envoy does not implement.
+        (_, 1..) => return Err(Refusal("transfer-encoding with content-length")),
+        _ if http10 => return Err(Refusal("transfer-encoding in HTTP/1.0")),
+        (1, 0) if chunked => BodyFraming::Chunked,
+        _ => return Err(Refusal("transfer-encoding other than chunked")),
+    };
+    Ok(Framing {
+        body,
+        tunnel: method == b"CONNECT" || (upgrade && connection_upgrade),
+    })
+}
+
+/// `method SP request-target SP HTTP-version`, single spaces.
+fn request_line(line: &[u8]) -> Result<(&[u8], &[u8], &[u8]), Refusal> {
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Refusal("request line"));
+    };
+    if method.is_empty() || !method.iter().all(|b| is_tchar(*b)) {
+        return Err(Refusal("method"));
+    }
+    Ok((method, target, version))
+}
+
+/// RFC 9112 §3.2: origin-form, absolute-form, authority-form for CONNECT, `*` for OPTIONS.
+fn check_target(method: &[u8], target: &[u8]) -> Result<(), Refusal> {
+    if target.is_empty() || !target.iter().all(|b| is_target_byte(*b)) {
+        return Err(Refusal("request target"));
+    }
+    if method == b"CONNECT" {
+        return if target.contains(&b'/') {
+            Err(Refusal("CONNECT target"))
+        } else {
+            Ok(())
+        };
+    }
+    if target == b"*" {
+        return if method == b"OPTIONS" {
+            Ok(())
+        } else {
+            Err(Refusal("asterisk target"))
+        };
+    }
+    if target[0] == b'/' {
+        return Ok(());
+    }
+    let lower = target.to_ascii_lowercase();
+    if lower.starts_with(b"http://") || lower.starts_with(b"https://") {
+        return Ok(());
+    }
+    Err(Refusal("request target form"))
+}
+
+/// `1*DIGIT` that fits in 64 bits.
+fn decimal(v: &[u8]) -> Result<u64, Refusal> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return Err(Refusal("content-length"));
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            .ok_or(Refusal("content-length overflow"))
+    })
+}
+
+/// CRLF-terminated lines; a bare CR or LF anywhere is refused (RFC 9112 §2.2 lets a
+/// recipient accept a bare LF; Envoy does not).
+struct Lines<'a>(&'a [u8]);
+
+impl<'a> Lines<'a> {
+    fn next(&mut self) -> Result<Option<&'a [u8]>, Refusal> {
+        let Some(at) = self.0.iter().position(|b| *b == b'\r' || *b == b'\n') else {
+            return Ok(None);
+        };
+        if self.0[at] == b'\n' || self.0.get(at + 1) != Some(&b'\n') {
+            return Err(Refusal("bare CR or LF"));
+        }
+        let line = &self.0[..at];
+        self.0 = &self.0[at + 2..];
+        Ok(Some(line))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(head: &str) -> Result<BodyFraming, Refusal> {
+        check_request_head(head.as_bytes()).map(|f| f.body)
+    }
+
+    #[test]
+    fn valid_heads_and_their_framing() {
+        let ok = [
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", BodyFraming::None),
+            (
+                "\r\nGET /a?b=c HTTP/1.1\r\nHost: a:80\r\nX: y z\t\r\n\r\n",
+                BodyFraming::None,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n",
+                BodyFraming::Length(12),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                BodyFraming::None,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n",
+                BodyFraming::Chunked,
+            ),
+            (
+                "GET http://a/b HTTP/1.1\r\nHost: a\r\n\r\n",
+                BodyFraming::None,
+            ),
+            ("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", BodyFraming::None),
+            ("GET / HTTP/1.0\r\n\r\n", BodyFraming::None),
+            (
+                "GET /caf%C3%A9 HTTP/1.1\r\nHost: [::1]:8080\r\nV: caf\u{e9}\r\n\r\n",
+                BodyFraming::None,
+            ),
+        ];
+        for (head, want) in ok {
+            assert_eq!(framing(head), Ok(want), "{head:?}");
+        }
+        let connect = check_request_head(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n");
+        assert!(connect.is_ok_and(|f| f.tunnel));
+        let ws = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert!(check_request_head(ws).is_ok_and(|f| f.tunnel));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let refused = [
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\x0bchunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a#f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nNo colon\r\n\r\n",
+            "GET a HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "G(T / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        for head in refused {
+            assert!(framing(head).is_err(), "accepted: {head:?}");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The downstream reading side for Pingora's HTTP/1 reader: bytes reach it only once
+//! `http1::RequestStream` has judged them, request by request.
+//!
+//! Pingora's reader is lenient where Envoy's codec is strict (it percent-escapes a space
+//! in the target, takes repeated or listed content-lengths, reads odd chunk framing), and
+//! a request it takes has already gone upstream by the time a hook could look at it. So
+//! a refused head never reaches it: it gets a head it refuses itself instead (it answers
+//! 400 and closes, as Envoy does). A body refused part-way fails the read, which aborts
+//! the upstream request before its end (the upstream never sees a complete request) and
+//! answers 400 if no response has started (`is_malformed_request`).
+
+use std::io;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::ReadBuf;
+
+use crate::http1::{Refusal, RequestStream};
+
+/// What Pingora reads in place of a refused head: a request line it takes, then a field
+/// name with a NUL byte, which its parser refuses outright (a bad target would send it to
+/// its percent-escaping retry instead).
+const REFUSED_HEAD: &[u8] = b"GET / HTTP/1.1\r\n\x00: refused\r\n\r\n";
+/// Bytes read at a time while a head is held back.
+const READ_MORE: usize = 8 * 1024;
+
+/// The error a body read fails with when the body's framing is refused.
+#[derive(Debug)]
+struct MalformedBody(Refusal);
+
+impl std::fmt::Display for MalformedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for MalformedBody {}
+
+/// Whether a request failed because its body's framing was refused (answered 400).
+pub fn is_malformed_request(e: &pingora::Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<io::Error>()
+        .and_then(|e| e.get_ref())
+        .is_some_and(|inner| inner.is::<MalformedBody>())
+}
+
+#[derive(Debug, Default)]
+pub struct Guarded {
+    judge: RequestStream,
+    /// Read from the connection and not yet handed on: `good` bytes judged good, then
+    /// bytes held back (a head not yet complete) or refused.
+    pending: BytesMut,
+    good: usize,
+    refused: Option<crate::http1::Refused>,
+    /// The refusal was handed on; from now on the connection reads as ended.
+    ended: bool,
+    /// A read failed (a request timer ran out) while a head was held back: handed on
+    /// after one byte of it, so that the reader knows a request had begun (Pingora then
+    /// shuts the connection down, which sends the 408) yet cannot take a request from it.
+    failed: Option<io::Error>,
+}
+
+impl Guarded {
+    /// Reads into `buf` through `read` (the connection's own read), judged.
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        mut read: impl FnMut(&mut Context<'_>, &mut ReadBuf<'_>) -> Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.good > 0 {
+                let n = self.good.min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                self.good -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = self.failed.take() {
+                return Poll::Ready(Err(e));
+            }
+            if let Some(refused) = self.refused {
+                if std::mem::replace(&mut self.ended, true) {
+                    return Poll::Ready(Ok(()));
+                }
+                if refused.in_body {
+                    let e = io::Error::new(io::ErrorKind::InvalidData, MalformedBody(refused.why));
+                    return Poll::Ready(Err(e));
+                }
+                log::debug!("request head refused: {}", refused.why);
+                self.pending = BytesMut::from(REFUSED_HEAD);
+                self.good = REFUSED_HEAD.len();
+                continue;
+            }
+            if self.pending.is_empty() {
+                // Nothing held back: straight into the reader's buffer, keeping there what
+                // is judged good.
+                let before = buf.filled().len();
+                std::task::ready!(read(cx, buf))?;
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let judged = self.judge.scan(new);
+                self.pending.extend_from_slice(&new[judged.good..]);
+                buf.set_filled(before + judged.good);
+                self.refused = judged.refused;
+                if judged.good > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // A head held back: read more after it.
+            let held = self.pending.len();
+            self.pending.resize(held + READ_MORE, 0);
+            let mut more = ReadBuf::new(&mut self.pending[held..]);
+            let polled = read(cx, &mut more);
+            let n = more.filled().len();
+            self.pending.truncate(held + n);
+            match std::task::ready!(polled) {
+                Err(e) => {
+                    self.good = 1;
+                    self.failed = Some(e);
+                    continue;
+                }
+                // The client ended mid-head: the connection ends, as Envoy ends it.
+                Ok(()) if n == 0 => return Poll::Ready(Ok(())),
+                Ok(()) => {}
+            }
+            let judged = self.judge.scan(&self.pending);
+            self.good = judged.good;
+            self.refused = judged.refused;
+        }
+    }
+}
