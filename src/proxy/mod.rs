@@ -163,6 +163,9 @@ impl ProxyHttp for LegateProxy {
     /// Loads the snapshot, applies the HCM's header rules and filters, routes the request,
     /// and answers locally (direct response, redirect, 404, 503) when it does not forward.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // Pipelined requests are served in turn, as Envoy serves them (Pingora closes the
+        // connection after the first unless told).
+        session.as_downstream_mut().set_pipelining_enabled(true);
         handle_request(self.snapshot.load_full(), session, ctx).await
     }
 
@@ -722,6 +725,9 @@ pub(crate) async fn handle_request<C: Client>(
 ) -> Result<bool> {
     // Before any header edit (see `Client::body_follows`).
     ctx.body_follows = session.body_follows();
+    if !session.is_http2() {
+        downstream::absolute_form_to_origin(session.req_header_mut());
+    }
     let local = session.local_addr();
     let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
         send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;

@@ -416,9 +416,14 @@ impl Head {
     /// 400).
     fn build(self, bytes: Bytes, fields: &mut Vec<Field>) -> Result<RequestHeader, Bytes> {
         // Visible ASCII without a fragment (`http1::check_request_head`).
-        let pq = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()));
+        // Targets the `http` types refuse (`"`, `<`, a backtick...) go to Pingora, which
+        // keeps their bytes as they came, as Envoy forwards them.
+        let Ok(pq) = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()))
+        else {
+            return Err(bytes);
+        };
         let mut parts = http::uri::Parts::default();
-        parts.path_and_query = pq.ok();
+        parts.path_and_query = Some(pq);
         let uri = http::Uri::from_parts(parts).ok();
         let Some(uri) = uri.filter(|u| u.path_and_query().is_some()) else {
             return Err(bytes);

@@ -44,6 +44,9 @@ pub struct WireConnection {
     pub requests: Vec<WireRequest>,
     /// The bytes could not be read as HTTP/1.1 (what was wrong); the connection was closed.
     pub malformed: Option<String>,
+    /// The connection ended inside a request (a proxy aborting a request it had begun
+    /// to forward): that request was never complete, so it is not in `requests`.
+    pub aborted: bool,
 }
 
 #[derive(Default)]
@@ -51,6 +54,8 @@ struct Log {
     connections: Vec<WireConnection>,
     /// Requests answered so far, across connections (the script's index).
     answered: usize,
+    /// Every request read, over all connections, in the order they were read.
+    all: Vec<WireRequest>,
 }
 
 /// A raw HTTP/1.1 upstream on 127.0.0.1. Each request is answered with the status the
@@ -92,12 +97,9 @@ impl WireUpstream {
         self.log.lock().unwrap().connections.clone()
     }
 
-    /// Every request read, over all connections, in arrival order per connection.
+    /// Every request read, over all connections, in the order they were read.
     pub fn requests(&self) -> Vec<WireRequest> {
-        self.connections()
-            .into_iter()
-            .flat_map(|c| c.requests)
-            .collect()
+        self.log.lock().unwrap().all.clone()
     }
 
     /// Connections whose bytes were not HTTP/1.1.
@@ -127,7 +129,8 @@ fn serve(mut conn: TcpStream, log: &Mutex<Log>, script: &Script) {
             Ok(Some(req)) => {
                 let n = {
                     let mut log = log.lock().unwrap();
-                    log.connections[index].requests.push(req);
+                    log.connections[index].requests.push(req.clone());
+                    log.all.push(req);
                     log.answered += 1;
                     log.answered - 1
                 };
@@ -143,7 +146,12 @@ fn serve(mut conn: TcpStream, log: &Mutex<Log>, script: &Script) {
             }
             Ok(None) => return,
             Err(what) => {
-                log.lock().unwrap().connections[index].malformed = Some(what);
+                let conn = &mut log.lock().unwrap().connections[index];
+                if what.starts_with("connection ended") {
+                    conn.aborted = true;
+                } else {
+                    conn.malformed = Some(what);
+                }
                 return;
             }
         }
