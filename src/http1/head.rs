@@ -183,8 +183,11 @@ pub fn check_request_head(head: &[u8]) -> Result<Framing, Refusal> {
     })
 }
 
+/// A request line's method, target and version.
+type RequestLine<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
 /// `method SP request-target SP HTTP-version`, single spaces.
-fn request_line(line: &[u8]) -> Result<(&[u8], &[u8], &[u8]), Refusal> {
+fn request_line(line: &[u8]) -> Result<RequestLine<'_>, Refusal> {
     let mut parts = line.split(|b| *b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
