@@ -30,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::http1::BodyFraming;
+
 use super::{
     answer_failure, connect_failed, filter_context, finish_request, handle_request, next_attempt,
     prepare_response, prepare_upstream_request, proxy_error, upstream_response_received, Client,
@@ -415,8 +417,8 @@ impl Head {
     /// the bytes back when the `http` types refuse the target or a value (for Pingora's
     /// 400).
     fn build(self, bytes: Bytes, fields: &mut Vec<Field>) -> Result<RequestHeader, Bytes> {
-        // Visible ASCII without a fragment (`http1::check_request_head`).
-        // Targets the `http` types refuse (`"`, `<`, a backtick...) go to Pingora, which
+        // Visible ASCII without a fragment (`http1::check_request_head`); targets the
+        // `http` types refuse (`"`, `<`, a backtick...) go to Pingora, which
         // keeps their bytes as they came, as Envoy forwards them.
         let Ok(pq) = http::uri::PathAndQuery::from_maybe_shared(bytes.slice(self.target.clone()))
         else {
@@ -424,8 +426,7 @@ impl Head {
         };
         let mut parts = http::uri::Parts::default();
         parts.path_and_query = Some(pq);
-        let uri = http::Uri::from_parts(parts).ok();
-        let Some(uri) = uri.filter(|u| u.path_and_query().is_some()) else {
+        let Ok(uri) = http::Uri::from_parts(parts) else {
             return Err(bytes);
         };
         let mut map = http::HeaderMap::with_capacity(fields.len() + ROOM);
@@ -445,9 +446,9 @@ impl Head {
     }
 }
 
-/// Request headers whose presence sends the connection to Pingora: a chunked body, an
-/// upgrade, `Expect`, or hop-by-hop fields this engine does not interpret. (A body with a
-/// content-length up to `MAX_BODY` stays.)
+/// Request headers whose presence sends the connection to Pingora: an upgrade, `Expect`,
+/// or hop-by-hop fields this engine does not interpret (the body's framing is judged by
+/// `http1::check_request_head`).
 fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
     if name == header::CONNECTION {
         // Only the keep-alive switch; a connection-nominated field list goes to Pingora,
@@ -461,8 +462,7 @@ fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
         // `100-continue` is answered here (see `serve`); other expectations go to Pingora.
         return !value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
     }
-    name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
+    name == header::UPGRADE
         || name == header::TE
         || name == header::TRAILER
         || name.as_str() == "http2-settings"
@@ -480,11 +480,20 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Elsewhere;
     };
-    // A head Envoy would refuse goes to Pingora's side, where the same judgement refuses
-    // it (io::guarded): both engines answer it alike.
-    if crate::http1::check_request_head(&buf[..len]).is_err() {
-        return Parsed::Elsewhere;
-    }
+    // One judgement of the head and its framing for both engines: a head Envoy would
+    // refuse goes to Pingora's side, where the same judgement refuses it (io::guarded); a
+    // chunked, large or tunnelled body is Pingora's to carry.
+    let body = match crate::http1::check_request_head(&buf[..len]) {
+        Ok(crate::http1::Framing {
+            body: BodyFraming::None,
+            tunnel: false,
+        }) => 0,
+        Ok(crate::http1::Framing {
+            body: BodyFraming::Length(n),
+            tunnel: false,
+        }) if n <= MAX_BODY => n,
+        _ => return Parsed::Elsewhere,
+    };
     // Origin-form targets only; CONNECT, absolute-form and `*` go to Pingora.
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::Elsewhere;
@@ -492,7 +501,6 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Elsewhere;
     };
-    let mut body: Option<u64> = None;
     let mut expect_continue = false;
     for h in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
@@ -502,24 +510,13 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             return Parsed::Elsewhere;
         }
         expect_continue |= name == header::EXPECT;
-        if name == header::CONTENT_LENGTH {
-            // One plain decimal length; repeated or odd ones are Pingora's to judge.
-            let n = std::str::from_utf8(h.value.trim_ascii())
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok());
-            match (body, n) {
-                (None, Some(n)) if n <= MAX_BODY => body = Some(n),
-                _ => return Parsed::Elsewhere,
-            }
-        }
         fields.push((name, span(buf, h.value)));
     }
     Parsed::Complete(Head {
         method,
         target: span(buf, path.as_bytes()),
         len,
-        body: body.unwrap_or(0) as usize,
+        body: body as usize,
         expect_continue,
     })
 }
