@@ -211,3 +211,63 @@ fn chunked_upload_framing_matches_envoy() {
     }
     assert_eq!(seen[0], seen[1], "envoy, then legate");
 }
+
+/// A body still arriving when the next pipelined request comes in the same write: both
+/// requests reach the upstream whole and both are answered, as through Envoy. The pause
+/// between writes is the input's shape (the body split across two reads), not a wait.
+#[test]
+fn a_body_finished_in_the_same_write_as_the_next_request_is_served_as_envoy_does() {
+    let next = "GET /next HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n";
+    let shapes: [(&str, &str, String); 2] = [
+        (
+            "content-length",
+            "POST /first HTTP/1.1\r\nhost: gw\r\ncontent-length: 10\r\n\r\nhello",
+            format!("world{next}"),
+        ),
+        (
+            "chunked",
+            "POST /first HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            format!("5\r\nworld\r\n0\r\n\r\n{next}"),
+        ),
+    ];
+    for (shape, first, rest) in &shapes {
+        let mut seen = Vec::new();
+        for envoy in [true, false] {
+            let upstream = WireUpstream::start();
+            let port = free_port();
+            let yaml = one_route_bootstrap(port, "", &[upstream.port()], "");
+            let _proc: Box<dyn std::any::Any> = if envoy {
+                Box::new(Envoy::start(&yaml, port))
+            } else {
+                Box::new(Legate::start(&yaml, port))
+            };
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(first.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(rest.as_bytes()).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let text = String::from_utf8_lossy(&buf);
+            // Responses follow each other with no line between (the upstream's bodies
+            // carry no status-like text).
+            let statuses: Vec<&str> = text
+                .match_indices("HTTP/1.1 ")
+                .filter_map(|(at, _)| text.get(at + 9..at + 12))
+                .collect();
+            assert!(
+                upstream.malformed().is_empty(),
+                "{:?}",
+                upstream.malformed()
+            );
+            let reqs: Vec<(String, Vec<u8>)> = upstream
+                .requests()
+                .into_iter()
+                .map(|r| (r.line, r.body))
+                .collect();
+            seen.push((statuses.join(","), reqs));
+        }
+        assert_eq!(seen[0].0, "200,200", "envoy, {shape}");
+        assert_eq!(seen[0], seen[1], "{shape}: envoy, then legate");
+    }
+}
