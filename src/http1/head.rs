@@ -17,6 +17,8 @@ pub struct Framing {
     pub body: BodyFraming,
     /// CONNECT or an upgrade: after the body the connection may stop being HTTP/1.
     pub tunnel: bool,
+    /// An absolute-form target (`GET http://host/path`): see `origin_form`.
+    pub absolute: bool,
 }
 
 /// Why a head (or a body's framing) was refused.
@@ -106,7 +108,7 @@ pub fn check_request_head(head: &[u8]) -> Result<Framing, Refusal> {
         b"HTTP/1.0" => true,
         _ => return Err(Refusal("HTTP version")),
     };
-    check_target(method, target)?;
+    let absolute = check_target(method, target)?;
 
     let mut hosts = 0;
     let mut lengths = 0;
@@ -180,7 +182,68 @@ pub fn check_request_head(head: &[u8]) -> Result<Framing, Refusal> {
     Ok(Framing {
         body,
         tunnel: method == b"CONNECT" || (upgrade && connection_upgrade),
+        absolute,
     })
+}
+
+/// RFC 9112 §3.2.2: an absolute-form target names the request's authority, which wins
+/// over `Host`. A head that `check_request_head` let through, with such a target, as
+/// Envoy forwards it: the target in origin-form (`/` when it has no path) and `Host` set
+/// to the target's authority (added where an HTTP/1.0 head has none); the other lines as
+/// they came. None for any other target.
+pub fn origin_form(head: &[u8]) -> Option<Vec<u8>> {
+    let lead = head.chunks(2).take_while(|p| *p == b"\r\n").count() * 2;
+    let head = &head[lead..];
+    let line_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let (method, target, version) = request_line(&head[..line_end]).ok()?;
+    let (authority, path) = split_absolute(target)?;
+    let mut out = Vec::with_capacity(head.len() + authority.len());
+    // No path, or only a query: the path is `/`.
+    let slash: &[u8] = if path.starts_with(b"/") { b"" } else { b"/" };
+    for part in [method, b" ", slash, path, b" ", version, b"\r\n"] {
+        out.extend_from_slice(part);
+    }
+    let mut host = false;
+    // The head was judged good: every line ends in CRLF, so splitting at LF is exact.
+    for line in head[line_end + 2..].split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:") {
+            out.extend_from_slice(&line[..5]);
+            out.push(b' ');
+            out.extend_from_slice(authority);
+            host = true;
+        } else {
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(out)
+}
+
+/// An absolute-form target's authority and its path-and-query (`?q` becomes `/?q`).
+fn split_absolute(target: &[u8]) -> Option<(&[u8], &[u8])> {
+    let lower = |n: usize| target.get(..n).map(<[u8]>::to_ascii_lowercase);
+    let rest = if lower(7)? == b"http://" {
+        &target[7..]
+    } else if lower(8)? == b"https://" {
+        &target[8..]
+    } else {
+        return None;
+    };
+    let end = rest
+        .iter()
+        .position(|b| *b == b'/' || *b == b'?')
+        .unwrap_or(rest.len());
+    Some((&rest[..end], &rest[end..]))
 }
 
 /// A request line's method, target and version.
@@ -201,32 +264,29 @@ fn request_line(line: &[u8]) -> Result<RequestLine<'_>, Refusal> {
 }
 
 /// RFC 9112 §3.2: origin-form, absolute-form, authority-form for CONNECT, `*` for OPTIONS.
-fn check_target(method: &[u8], target: &[u8]) -> Result<(), Refusal> {
+/// True for absolute-form.
+fn check_target(method: &[u8], target: &[u8]) -> Result<bool, Refusal> {
     if target.is_empty() || !target.iter().all(|b| is_target_byte(*b)) {
         return Err(Refusal("request target"));
     }
-    if method == b"CONNECT" {
-        return if target.contains(&b'/') {
-            Err(Refusal("CONNECT target"))
-        } else {
-            Ok(())
-        };
+    let ok = match target {
+        _ if method == b"CONNECT" => !target.contains(&b'/'),
+        b"*" => method == b"OPTIONS",
+        [b'/', ..] => true,
+        _ => {
+            // Absolute-form: an authority that is a host (no userinfo), as for `Host`.
+            let (authority, _) = split_absolute(target).ok_or(Refusal("request target form"))?;
+            if authority.is_empty() || !authority.iter().all(|b| is_host_byte(*b)) {
+                return Err(Refusal("request target authority"));
+            }
+            return Ok(true);
+        }
+    };
+    if ok {
+        Ok(false)
+    } else {
+        Err(Refusal("request target form"))
     }
-    if target == b"*" {
-        return if method == b"OPTIONS" {
-            Ok(())
-        } else {
-            Err(Refusal("asterisk target"))
-        };
-    }
-    if target[0] == b'/' {
-        return Ok(());
-    }
-    let lower = target.to_ascii_lowercase();
-    if lower.starts_with(b"http://") || lower.starts_with(b"https://") {
-        return Ok(());
-    }
-    Err(Refusal("request target form"))
 }
 
 /// `1*DIGIT` that fits in 64 bits.
@@ -305,6 +365,36 @@ mod tests {
         assert!(connect.is_ok_and(|f| f.tunnel));
         let ws = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
         assert!(check_request_head(ws).is_ok_and(|f| f.tunnel));
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_its_authority_as_host() {
+        for (head, want) in [
+            (
+                "GET http://a.example:8080/x?y HTTP/1.1\r\nX: 1\r\nHOST: other\r\nZ: 2\r\n\r\n",
+                "GET /x?y HTTP/1.1\r\nX: 1\r\nHOST: a.example:8080\r\nZ: 2\r\n\r\n",
+            ),
+            (
+                "\r\nGET HTTPS://a?q HTTP/1.1\r\nHost: a\r\n\r\n",
+                "GET /?q HTTP/1.1\r\nHost: a\r\n\r\n",
+            ),
+            (
+                "GET http://a HTTP/1.0\r\n\r\n",
+                "GET / HTTP/1.0\r\nhost: a\r\n\r\n",
+            ),
+        ] {
+            assert!(check_request_head(head.as_bytes()).is_ok_and(|f| f.absolute));
+            let got = origin_form(head.as_bytes()).map(|h| String::from_utf8(h).unwrap());
+            assert_eq!(got.as_deref(), Some(want));
+            assert!(check_request_head(want.as_bytes()).is_ok_and(|f| !f.absolute));
+        }
+        assert_eq!(origin_form(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+        for bad in [
+            "GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(check_request_head(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,5 +8,5 @@ mod head;
 mod stream;
 
 pub use chunked::ChunkedScanner;
-pub use head::{check_request_head, BodyFraming, Framing, Refusal};
+pub use head::{check_request_head, origin_form, BodyFraming, Framing, Refusal};
 pub use stream::{Refused, RequestStream, Scanned};

@@ -25,12 +25,26 @@ enum State {
 }
 
 /// What `RequestStream::scan` made of the bytes it was given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scanned {
     /// This many bytes at the front are judged good and may be read.
     pub good: usize,
     /// The bytes after those are refused.
     pub refused: Option<Refused>,
+    /// The head after the good bytes is good but is to be read rewritten; the bytes
+    /// after it are not judged yet (scan them next).
+    pub rewrite: Option<Rewrite>,
+}
+
+/// A good head to be read as other bytes: an absolute-form target in origin-form, with
+/// its authority as `Host` (`http1::origin_form`), so that a reader never has to choose
+/// between the target's authority and `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The head's length as it came.
+    pub len: usize,
+    /// What is read in its place.
+    pub head: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +62,8 @@ pub struct RequestStream {
     first: bool,
     /// The current request turns the connection into a tunnel after its body.
     tunnel_after: bool,
+    /// The head just judged, rewritten.
+    rewritten: Option<Vec<u8>>,
 }
 
 impl Default for RequestStream {
@@ -56,6 +72,7 @@ impl Default for RequestStream {
             state: State::Head { searched: 0 },
             first: true,
             tunnel_after: false,
+            rewritten: None,
         }
     }
 }
@@ -71,6 +88,7 @@ impl RequestStream {
                 return Scanned {
                     good,
                     refused: None,
+                    rewrite: None,
                 };
             }
             let step = match &mut self.state {
@@ -94,6 +112,7 @@ impl RequestStream {
                         return Scanned {
                             good: good + n,
                             refused: Some(Refused { why, in_body: true }),
+                            rewrite: None,
                         }
                     }
                 },
@@ -104,13 +123,24 @@ impl RequestStream {
                     return Scanned {
                         good,
                         refused: None,
+                        rewrite: None,
                     }
                 }
-                Ok(n) => good += n,
+                Ok(len) => {
+                    if let Some(head) = self.rewritten.take() {
+                        return Scanned {
+                            good,
+                            refused: None,
+                            rewrite: Some(Rewrite { len, head }),
+                        };
+                    }
+                    good += len
+                }
                 Err(refused) => {
                     return Scanned {
                         good,
                         refused: Some(refused),
+                        rewrite: None,
                     }
                 }
             }
@@ -164,6 +194,9 @@ impl RequestStream {
         };
         let framing = check_request_head(&rest[..len]).map_err(refuse)?;
         self.tunnel_after = framing.tunnel;
+        if framing.absolute {
+            self.rewritten = super::head::origin_form(&rest[..len]);
+        }
         self.state = match framing.body {
             BodyFraming::None => State::Head { searched: 0 },
             BodyFraming::Length(n) => State::Length(n),
@@ -195,10 +228,15 @@ mod tests {
         let (mut pending, mut good) = (Vec::new(), Vec::new());
         for piece in wire.chunks(step) {
             pending.extend_from_slice(piece);
-            let r = s.scan(&pending);
-            good.extend(pending.drain(..r.good));
-            if r.refused.is_some() {
-                return (good, r.refused);
+            loop {
+                let r = s.scan(&pending);
+                good.extend(pending.drain(..r.good));
+                if r.refused.is_some() {
+                    return (good, r.refused);
+                }
+                let Some(rewrite) = r.rewrite else { break };
+                pending.drain(..rewrite.len);
+                good.extend(rewrite.head);
             }
         }
         (good, None)
@@ -225,6 +263,17 @@ POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r
         // ...but a bare LF in it is refused at once.
         let (good, refused) = every_step(b"GET / HTTP/1.1\nHost: a\n");
         assert!(good.is_empty() && refused.is_some());
+    }
+
+    #[test]
+    fn absolute_form_heads_are_read_in_origin_form() {
+        let wire = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n\
+POST http://b.example/p HTTP/1.1\r\nHost: other\r\nContent-Length: 2\r\n\r\nhi\
+GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
+        let read = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /p HTTP/1.1\r\nHost: b.example\r\nContent-Length: 2\r\n\r\nhi\
+GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(every_step(wire), (read.to_vec(), None));
     }
 
     #[test]

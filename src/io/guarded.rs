@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::ReadBuf;
 
-use crate::http1::{Refusal, RequestStream};
+use crate::http1::{Refusal, RequestStream, Scanned};
 
 /// What Pingora reads in place of a refused head: a request line it takes, then a field
 /// name with a NUL byte, which its parser refuses outright (a bad target would send it to
@@ -47,10 +47,12 @@ pub fn is_malformed_request(e: &pingora::Error) -> bool {
 #[derive(Debug, Default)]
 pub struct Guarded {
     judge: RequestStream,
-    /// Read from the connection and not yet handed on: `good` bytes judged good, then
-    /// bytes held back (a head not yet complete) or refused.
+    /// Read from the connection and not yet handed on: `good` bytes judged good (a
+    /// rewritten head among them), then bytes held back (a head not yet complete), not
+    /// yet judged (`unjudged`: they followed a rewritten head), or refused.
     pending: BytesMut,
     good: usize,
+    unjudged: bool,
     refused: Option<crate::http1::Refused>,
     /// The refusal was handed on; from now on the connection reads as ended.
     ended: bool,
@@ -92,6 +94,10 @@ impl Guarded {
                 self.good = REFUSED_HEAD.len();
                 continue;
             }
+            if std::mem::take(&mut self.unjudged) {
+                self.judge_pending();
+                continue;
+            }
             if self.pending.is_empty() {
                 // Nothing held back: straight into the reader's buffer, keeping there what
                 // is judged good.
@@ -104,8 +110,9 @@ impl Guarded {
                 let judged = self.judge.scan(new);
                 self.pending.extend_from_slice(&new[judged.good..]);
                 buf.set_filled(before + judged.good);
-                self.refused = judged.refused;
-                if judged.good > 0 {
+                let handed = judged.good > 0;
+                self.apply(judged, 0);
+                if handed {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
@@ -127,9 +134,30 @@ impl Guarded {
                 Ok(()) if n == 0 => return Poll::Ready(Ok(())),
                 Ok(()) => {}
             }
-            let judged = self.judge.scan(&self.pending);
-            self.good = judged.good;
-            self.refused = judged.refused;
+            self.judge_pending();
+        }
+    }
+
+    /// Judges `pending` (all of it unjudged).
+    fn judge_pending(&mut self) {
+        let judged = self.judge.scan(&self.pending);
+        let good = judged.good;
+        self.apply(judged, good);
+    }
+
+    /// Takes in a judgement of the bytes of `pending` from `good` on (`good` bytes before
+    /// them are good).
+    fn apply(&mut self, judged: Scanned, good: usize) {
+        self.good = good;
+        self.refused = judged.refused;
+        if let Some(rewrite) = judged.rewrite {
+            let mut pending = BytesMut::with_capacity(self.pending.len() + rewrite.head.len());
+            pending.extend_from_slice(&self.pending[..good]);
+            pending.extend_from_slice(&rewrite.head);
+            pending.extend_from_slice(&self.pending[good + rewrite.len..]);
+            self.pending = pending;
+            self.good += rewrite.head.len();
+            self.unjudged = true;
         }
     }
 }

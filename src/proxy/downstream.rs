@@ -161,31 +161,6 @@ pub fn mutate_request_headers(
     Downstream { remote, request_id }
 }
 
-/// RFC 9112 §3.2.2: an HTTP/1 absolute-form target names the request's authority, which
-/// wins over Host. Envoy forwards such a request in origin-form with that authority as
-/// Host, and routes on it.
-pub fn absolute_form_to_origin(req: &mut RequestHeader) {
-    // Pingora keeps such a target as its raw bytes, with no authority in its URI.
-    let raw = req.raw_path();
-    let absolute = raw.len() > 8
-        && (raw[..7].eq_ignore_ascii_case(b"http://")
-            || raw[..8].eq_ignore_ascii_case(b"https://"));
-    if !absolute {
-        return;
-    }
-    let Ok(target) = http::Uri::try_from(raw) else {
-        return;
-    };
-    let Some(authority) = target.authority().cloned() else {
-        return;
-    };
-    let path = target.path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(uri) = http::Uri::try_from(path) {
-        req.set_uri(uri);
-    }
-    let _ = req.insert_header(http::header::HOST, authority.as_str());
-}
-
 /// Envoy keeps `te` only as `trailers`, and only when the client offered it: gRPC servers
 /// on the C core (grpcio) reset a stream that lacks it, and other transfer codings are
 /// this hop's business alone.

@@ -725,9 +725,6 @@ pub(crate) async fn handle_request<C: Client>(
 ) -> Result<bool> {
     // Before any header edit (see `Client::body_follows`).
     ctx.body_follows = session.body_follows();
-    if !session.is_http2() {
-        downstream::absolute_form_to_origin(session.req_header_mut());
-    }
     let local = session.local_addr();
     let Some(listener) = local.and_then(|a| snapshot.listener_at(a)).cloned() else {
         send_local_reply(session, ctx, LocalReply::new(503, "listener removed")).await?;

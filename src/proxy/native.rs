@@ -487,14 +487,16 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         Ok(crate::http1::Framing {
             body: BodyFraming::None,
             tunnel: false,
+            absolute: false,
         }) => 0,
         Ok(crate::http1::Framing {
             body: BodyFraming::Length(n),
             tunnel: false,
+            absolute: false,
         }) if n <= MAX_BODY => n,
         _ => return Parsed::Elsewhere,
     };
-    // Origin-form targets only; CONNECT, absolute-form and `*` go to Pingora.
+    // Origin-form targets only; CONNECT and `*` go to Pingora (as absolute-form did above).
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::Elsewhere;
     }
