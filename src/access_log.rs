@@ -371,9 +371,12 @@ fn header<'a>(
 ) -> Option<String> {
     for n in names {
         let v = match (request, n.as_str()) {
-            (true, ":method") => Some(r.method.clone()),
-            (true, ":path") => Some(r.path.clone()),
-            (true, ":authority") | (true, "host") => Some(r.authority.clone()),
+            // Empty only for a head that could not be read (`-`, as Envoy logs it).
+            (true, ":method") => Some(r.method.clone()).filter(|m| !m.is_empty()),
+            (true, ":path") => Some(r.path.clone()).filter(|_| !r.method.is_empty()),
+            (true, ":authority") | (true, "host") => {
+                Some(r.authority.clone()).filter(|_| !r.method.is_empty())
+            }
             _ => h
                 .get(n.as_str())
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),

@@ -84,6 +84,8 @@ pub struct HttpStats {
     pub downstream_rq_total: AtomicU64,
     pub downstream_rq_class: [AtomicU64; 5],
     pub downstream_cx_active: AtomicU64,
+    /// Connections closed for a request their codec refused.
+    pub downstream_cx_protocol_error: AtomicU64,
     pub downstream_rq_time: Histogram,
 }
 
@@ -251,6 +253,12 @@ pub fn collect(extra_gauges: Vec<GaugeValue>) -> Vec<Stat> {
                 value: load(&h.downstream_rq_class[i]),
             });
         }
+        out.push(Stat::Counter {
+            name: format!("http.{prefix}.downstream_cx_protocol_error"),
+            prom: "envoy_http_downstream_cx_protocol_error".into(),
+            tags: tag.clone(),
+            value: load(&h.downstream_cx_protocol_error),
+        });
         out.push(Stat::Gauge {
             name: format!("http.{prefix}.downstream_cx_active"),
             prom: "envoy_http_downstream_cx_active".into(),

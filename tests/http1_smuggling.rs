@@ -541,3 +541,81 @@ fn raw_http1_cases_are_refused_or_forwarded_as_envoy_does() {
         failed.join("\n")
     );
 }
+
+/// A refused request as Envoy answers, logs and counts it: the response (date left out),
+/// the access-log line, and the connection manager's `downstream_rq_4xx` and
+/// `downstream_cx_protocol_error`. Refused at the head (a space in the target, both
+/// framings) and inside a chunked body.
+#[test]
+fn refused_requests_are_answered_logged_and_counted_as_envoy_does() {
+    let refused: [&[u8]; 3] = [
+        b"GET /a b HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-1\r\n",
+    ];
+    let format = "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% \\\"%REQ(:AUTHORITY)%\\\" \\\"%REQ(USER-AGENT)%\\\"\\n";
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let upstream = WireUpstream::start();
+        let (port, admin) = (free_port(), free_port());
+        let hcm = format!(
+            "access_log:\n- name: envoy.access_loggers.file\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: {}\n    log_format: {{text_format_source: {{inline_string: \"{format}\"}}}}",
+            log.display()
+        );
+        let route = "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: c}\n";
+        let yaml = format!(
+            "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\n{}",
+            bootstrap(
+                &[listener_yaml("main", port, route, &hcm)],
+                &[cluster_yaml("c", &[upstream.port()], "")]
+            )
+        );
+        let _proc: Box<dyn std::any::Any> = if envoy {
+            Box::new(Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        let mut answers = Vec::new();
+        for raw in refused {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(raw);
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            // Fields in a fixed order, without the date and the server name.
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let mut lines: Vec<String> = head
+                .split("\r\n")
+                .map(str::to_ascii_lowercase)
+                .filter(|l| !l.starts_with("date:") && !l.starts_with("server:"))
+                .collect();
+            lines.sort();
+            answers.push((lines, body.to_string()));
+        }
+        let mut lines = Vec::new();
+        eventually(10, "access log lines", || {
+            lines = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect();
+            lines.len() >= refused.len()
+        });
+        let stats = get(admin, "/stats", "admin").body;
+        let counters: Vec<String> = stats
+            .lines()
+            .filter(|l| {
+                l.starts_with("http.main.downstream_rq_4xx:")
+                    || l.starts_with("http.main.downstream_cx_protocol_error:")
+            })
+            .map(str::to_string)
+            .collect();
+        assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+        seen.push((answers, lines, counters));
+    }
+    assert_eq!(seen[0].1.len(), 3, "envoy's log: {:?}", seen[0].1);
+    assert_eq!(seen[0], seen[1], "envoy, then legate");
+}

@@ -4,8 +4,9 @@
 //! Pingora's reader is lenient where Envoy's codec is strict (it percent-escapes a space
 //! in the target, takes repeated or listed content-lengths, reads odd chunk framing), and
 //! a request it takes has already gone upstream by the time a hook could look at it. So
-//! a refused head never reaches it: it gets a head it refuses itself instead (it answers
-//! 400 and closes, as Envoy does). A body refused part-way fails the read, which aborts
+//! a refused head never reaches it as it came: it reads a stand-in head instead, marked
+//! with a field no client can name (`refused_head`), which the request logic answers as
+//! Envoy answers a head its codec refuses (400, closed, access-logged as DPE, counted). A body refused part-way fails the read, which aborts
 //! the upstream request before its end (the upstream never sees a complete request) and
 //! answers 400 if no response has started (`is_malformed_request`).
 
@@ -17,10 +18,25 @@ use tokio::io::ReadBuf;
 
 use crate::http1::{Refusal, RequestStream, Scanned};
 
-/// What Pingora reads in place of a refused head: a request line it takes, then a field
-/// name with a NUL byte, which its parser refuses outright (a bad target would send it to
-/// its percent-escaping retry instead).
-const REFUSED_HEAD: &[u8] = b"GET / HTTP/1.1\r\n\x00: refused\r\n\r\n";
+/// The field that marks the stand-in for a refused head: `x-legate-refused-` and 128
+/// random bits drawn once per process, so that no client can send it.
+pub fn refused_head() -> &'static http::HeaderName {
+    static NAME: std::sync::OnceLock<http::HeaderName> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let name = format!("x-legate-refused-{:032x}", rand::random::<u128>());
+        http::HeaderName::from_bytes(name.as_bytes()).unwrap_or(http::header::EXPECT)
+    })
+}
+
+/// What the reader reads in place of a refused head.
+fn stand_in(why: Refusal) -> BytesMut {
+    let mut head = BytesMut::from(&b"GET / HTTP/1.1\r\nhost: refused\r\nconnection: close\r\n"[..]);
+    head.extend_from_slice(refused_head().as_str().as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(why.0.as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
 /// Bytes read at a time while a head is held back.
 const READ_MORE: usize = 8 * 1024;
 
@@ -90,8 +106,8 @@ impl Guarded {
                     return Poll::Ready(Err(e));
                 }
                 log::debug!("request head refused: {}", refused.why);
-                self.pending = BytesMut::from(REFUSED_HEAD);
-                self.good = REFUSED_HEAD.len();
+                self.pending = stand_in(refused.why);
+                self.good = self.pending.len();
                 continue;
             }
             if std::mem::take(&mut self.unjudged) {

@@ -31,7 +31,7 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 
 mod guarded;
-pub use guarded::is_malformed_request;
+pub use guarded::{is_malformed_request, refused_head};
 
 /// Pingora's `DEFAULT_L4_WRITE_BUFFER_SIZE`: one Ethernet MSS.
 const WRITE_BUFFER: usize = 1460;

@@ -98,6 +98,8 @@ pub struct RequestCtx {
     /// A body follows the request head, as the client framed it (decided before any
     /// header edit).
     body_follows: bool,
+    /// The stand-in for a head the HTTP/1 judge refused (`io::refused_head`).
+    refused_head: bool,
     /// One state slot per HTTP filter (empty when the HCM has none).
     filter_state: Vec<crate::filter::FilterState>,
     snapshot: Option<Arc<Snapshot>>,
@@ -166,6 +168,11 @@ impl ProxyHttp for LegateProxy {
         // Pipelined requests are served in turn, as Envoy serves them (Pingora closes the
         // connection after the first unless told).
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // Only Pingora's reader gets stand-ins; the native engine never serves them.
+        ctx.refused_head = session
+            .req_header()
+            .headers
+            .contains_key(crate::io::refused_head());
         handle_request(self.snapshot.load_full(), session, ctx).await
     }
 
@@ -669,6 +676,13 @@ pub(crate) async fn answer_failure<C: Client>(
     };
     let code = reply.as_ref().map_or(0, |r| r.status);
     ctx.flags = response_flag(e, code);
+    if crate::io::is_malformed_request(e) {
+        if let Some(hcm) = ctx.hcm() {
+            hcm.stats
+                .downstream_cx_protocol_error
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
     if code == 504 {
         if let Some(c) = &ctx.cluster {
             c.stats.upstream_rq_timeout.fetch_add(1, Ordering::Relaxed);
@@ -759,6 +773,17 @@ pub(crate) async fn handle_request<C: Client>(
     hcm.stats
         .downstream_rq_total
         .fetch_add(1, Ordering::Relaxed);
+    if ctx.refused_head {
+        // As Envoy answers a head its codec refuses: 400 and close, logged as DPE with
+        // no method or path.
+        hcm.stats
+            .downstream_cx_protocol_error
+            .fetch_add(1, Ordering::Relaxed);
+        ctx.flags = "DPE";
+        session.set_keepalive(None);
+        send_local_reply(session, ctx, LocalReply::new(400, "Bad Request")).await?;
+        return Ok(true);
+    }
     // Envoy's idle timeout; `Some(0)` keeps the connection without a limit.
     session.set_keepalive(Some(hcm.idle_timeout.map_or(0, |d| d.as_secs().max(1))));
     if let Some(reply) = apply_connection_limits(session, hcm) {
@@ -891,7 +916,7 @@ fn access_record<C: Client>(
         .matched()
         .map(|m| m.route.name.clone())
         .unwrap_or_default();
-    crate::access_log::Record {
+    let mut record = crate::access_log::Record {
         protocol: ctx.protocol,
         start: ctx.start_time,
         request_headers: req.headers.clone(),
@@ -915,7 +940,15 @@ fn access_record<C: Client>(
         remote: ctx.remote,
         local: ctx.local,
         route_name,
+    };
+    if ctx.refused_head {
+        // Nothing of a refused head is known (Envoy logs `- -`).
+        record.method.clear();
+        record.path.clear();
+        record.authority.clear();
+        record.request_headers.clear();
     }
+    record
 }
 
 /// Sets up retries and deadlines: the route's (or virtual host's) retry policy with the
