@@ -70,27 +70,66 @@ const METHODS: &[&[u8]] = &[
     b"SOURCE",
 ];
 
-/// RFC 9110 §5.6.2 `tchar`.
+/// Byte classes, one table lookup per byte on the request path.
+const TCHAR: u8 = 1;
+const VALUE: u8 = 2;
+const TARGET: u8 = 4;
+const HOST: u8 = 8;
+
+static CLASSES: [u8; 256] = classes();
+
+const fn classes() -> [u8; 256] {
+    const fn among(b: u8, set: &[u8]) -> bool {
+        let mut i = 0;
+        while i < set.len() {
+            if set[i] == b {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut class = 0;
+        // RFC 9110 §5.6.2 `tchar`.
+        if b.is_ascii_alphanumeric() || among(b, b"!#$%&'*+-.^_`|~") {
+            class |= TCHAR;
+        }
+        // A field value's bytes (RFC 9110 §5.5): visible ASCII, obs-text, SP and HTAB;
+        // no other control byte (NUL, CR, LF, DEL).
+        if b == b'\t' || (b >= b' ' && b <= b'~') || b >= 0x80 {
+            class |= VALUE;
+        }
+        // The request-target's bytes: visible ASCII only. Envoy refuses a space, a control
+        // byte, DEL and non-ASCII bytes (where Pingora's reader percent-escapes or drops
+        // them), and a `#` fragment, which a client never sends.
+        if b >= b'!' && b <= b'~' && b != b'#' {
+            class |= TARGET;
+        }
+        // Host's bytes (RFC 3986 reg-name or IP-literal, and a port): no whitespace, no
+        // userinfo.
+        if b.is_ascii_alphanumeric() || among(b, b"-._~!$&'()*+,;=:[]%") {
+            class |= HOST;
+        }
+        table[i] = class;
+        i += 1;
+    }
+    table
+}
+
+fn all_in(bytes: &[u8], class: u8) -> bool {
+    bytes.iter().all(|b| CLASSES[*b as usize] & class != 0)
+}
+
 pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    CLASSES[b as usize] & TCHAR != 0
 }
 
-/// A field value's bytes (RFC 9110 §5.5): visible ASCII, obs-text, SP and HTAB; no other
-/// control byte (NUL, bare CR or LF, DEL).
 pub(crate) fn is_field_value_byte(b: u8) -> bool {
-    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
-}
-
-/// The request-target's bytes: visible ASCII only. Envoy refuses a space, a control byte,
-/// DEL and non-ASCII bytes (where Pingora's reader percent-escapes or drops them), and a
-/// `#` fragment, which a client never sends.
-fn is_target_byte(b: u8) -> bool {
-    (b'!'..=b'~').contains(&b) && b != b'#'
-}
-
-/// Host's bytes (RFC 3986 reg-name or IP-literal, and a port): no whitespace, no userinfo.
-fn is_host_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)
+    CLASSES[b as usize] & VALUE != 0
 }
 
 /// A complete head: the request line, the field lines, and the empty line, every line
@@ -130,17 +169,17 @@ pub fn check_request_head(head: &[u8]) -> Result<Framing, Refusal> {
             .position(|b| *b == b':')
             .ok_or(Refusal("field line without a colon"))?;
         let (name, value) = (&line[..colon], &line[colon + 1..]);
-        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+        if name.is_empty() || !all_in(name, TCHAR) {
             return Err(Refusal("field name"));
         }
-        if !value.iter().all(|b| is_field_value_byte(*b)) {
+        if !all_in(value, VALUE) {
             return Err(Refusal("field value"));
         }
         let value = value.trim_ascii();
         if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
             // Empty is allowed: the target may have no authority (RFC 9110 §7.2).
-            if !value.iter().all(|b| is_host_byte(*b)) {
+            if !all_in(value, HOST) {
                 return Err(Refusal("host"));
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -266,7 +305,7 @@ fn request_line(line: &[u8]) -> Result<RequestLine<'_>, Refusal> {
 /// RFC 9112 §3.2: origin-form, absolute-form, authority-form for CONNECT, `*` for OPTIONS.
 /// True for absolute-form.
 fn check_target(method: &[u8], target: &[u8]) -> Result<bool, Refusal> {
-    if target.is_empty() || !target.iter().all(|b| is_target_byte(*b)) {
+    if target.is_empty() || !all_in(target, TARGET) {
         return Err(Refusal("request target"));
     }
     let ok = match target {
@@ -276,7 +315,7 @@ fn check_target(method: &[u8], target: &[u8]) -> Result<bool, Refusal> {
         _ => {
             // Absolute-form: an authority that is a host (no userinfo), as for `Host`.
             let (authority, _) = split_absolute(target).ok_or(Refusal("request target form"))?;
-            if authority.is_empty() || !authority.iter().all(|b| is_host_byte(*b)) {
+            if authority.is_empty() || !all_in(authority, HOST) {
                 return Err(Refusal("request target authority"));
             }
             return Ok(true);
@@ -301,20 +340,20 @@ fn decimal(v: &[u8]) -> Result<u64, Refusal> {
     })
 }
 
-/// CRLF-terminated lines; a bare CR or LF anywhere is refused (RFC 9112 §2.2 lets a
-/// recipient accept a bare LF; Envoy does not).
+/// CRLF-terminated lines; a bare LF is refused (RFC 9112 §2.2 lets a recipient accept
+/// one; Envoy does not). A bare CR stays inside its line, where every line's byte classes
+/// refuse it.
 struct Lines<'a>(&'a [u8]);
 
 impl<'a> Lines<'a> {
     fn next(&mut self) -> Result<Option<&'a [u8]>, Refusal> {
-        let Some(at) = self.0.iter().position(|b| *b == b'\r' || *b == b'\n') else {
+        let Some(at) = self.0.iter().position(|b| *b == b'\n') else {
             return Ok(None);
         };
-        if self.0[at] == b'\n' || self.0.get(at + 1) != Some(&b'\n') {
-            return Err(Refusal("bare CR or LF"));
-        }
-        let line = &self.0[..at];
-        self.0 = &self.0[at + 2..];
+        let Some(line) = self.0[..at].strip_suffix(b"\r") else {
+            return Err(Refusal("bare LF"));
+        };
+        self.0 = &self.0[at + 1..];
         Ok(Some(line))
     }
 }
