@@ -271,3 +271,33 @@ fn a_body_finished_in_the_same_write_as_the_next_request_is_served_as_envoy_does
         assert_eq!(seen[0], seen[1], "{shape}: envoy, then legate");
     }
 }
+
+/// The status line the client gets, whatever the upstream wrote (an HTTP/1.0 version, a
+/// reason phrase of its own), as Envoy writes it.
+#[test]
+fn status_lines_are_written_as_envoy_writes_them() {
+    let upstream = raw_upstream();
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let port = free_port();
+        let yaml = one_route_bootstrap(port, "", &[upstream], "");
+        let _proc: Box<dyn std::any::Any> = if envoy {
+            Box::new(Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        let mut lines = Vec::new();
+        for path in ["/plain", "/reason", "/http10"] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            lines.push(text.split("\r\n").next().unwrap_or_default().to_string());
+        }
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1], "envoy, then legate");
+}

@@ -596,6 +596,12 @@ pub(crate) fn prepare_response(
     if let Some(clock) = clock {
         clock.request_done();
     }
+    if ctx.protocol == "HTTP/1.1" {
+        // Envoy's codec writes its own status line: HTTP/1.1 and the standard reason
+        // phrase, whatever version and reason the upstream wrote.
+        upstream_response.set_version(http::Version::HTTP_11);
+        upstream_response.set_reason_phrase(None)?;
+    }
     let Some(hcm) = ctx.hcm() else { return Ok(()) };
     upstream::strip_hop_by_hop_response(upstream_response);
     if !hcm.filters.router.suppress_envoy_headers {

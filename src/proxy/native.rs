@@ -997,10 +997,6 @@ fn parse_response(
         }
         fields.push((name, span(buf, h.value)));
     }
-    let reason = resp
-        .reason
-        .filter(|r| status.canonical_reason() != Some(*r))
-        .map(|r| r.to_string());
     let bytes = buf.split_to(len).freeze();
     let mut map = http::HeaderMap::with_capacity(fields.len() + ROOM);
     for (name, value) in fields.drain(..) {
@@ -1016,11 +1012,7 @@ fn parse_response(
         Version::HTTP_11
     };
     parts.headers = map;
-    let mut head = ResponseHeader::from(parts);
-    if reason.is_some() {
-        head.set_reason_phrase(reason.as_deref())
-            .map_err(|_| bad("reason phrase"))?;
-    }
+    let head = ResponseHeader::from(parts);
     Ok(Some((head, keepalive)))
 }
 

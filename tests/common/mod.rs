@@ -934,6 +934,10 @@ fn serve_raw(mut conn: TcpStream) {
                 b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok",
                 false,
             ),
+            "/http10" => (
+                b"HTTP/1.0 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok",
+                true,
+            ),
             _ => (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Case: Mixed\r\n\r\nhello",
                 false,
