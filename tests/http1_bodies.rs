@@ -26,13 +26,14 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
-/// Writes `body` as a chunked request with chunks of irregular sizes (1 byte to 64 KiB),
-/// then reads the whole response (`connection: close`).
-fn post_chunked(port: u16, body: &[u8], extra: &str) -> Response {
+/// Writes `body` as a chunked request with chunks of irregular sizes (1 byte to 64 KiB)
+/// and the given trailer lines (each ending in CRLF), then reads the whole response
+/// (`connection: close`).
+fn post_chunked(port: u16, body: &[u8], trailers: &str) -> Response {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let head = format!(
-        "POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n{extra}transfer-encoding: chunked\r\n\r\n"
+        "POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
     );
     let mut wire = head.into_bytes();
     let sizes = [1usize, 7, 4096, 65536, 333, 16384];
@@ -45,7 +46,7 @@ fn post_chunked(port: u16, body: &[u8], extra: &str) -> Response {
         at += n;
         i += 1;
     }
-    wire.extend_from_slice(b"0\r\n\r\n");
+    wire.extend_from_slice(format!("0\r\n{trailers}\r\n").as_bytes());
     s.write_all(&wire).expect("send");
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -183,8 +184,9 @@ fn a_request_inside_a_chunked_body_stays_body() {
     assert_chunked(&req, inner);
 }
 
-/// What Envoy 1.40 forwards for the same chunked upload: the same framing fields and the
-/// same body.
+/// What Envoy 1.40 forwards for the same chunked upload: the same framing fields, the
+/// same body, and the same trailers (a trailer field is sent, which Envoy's HTTP/1 codec
+/// drops by default).
 #[test]
 fn chunked_upload_framing_matches_envoy() {
     let body = pattern(100_000);
@@ -198,7 +200,7 @@ fn chunked_upload_framing_matches_envoy() {
         } else {
             Box::new(Legate::start(&yaml, port))
         };
-        let resp = post_chunked(port, &body, "");
+        let resp = post_chunked(port, &body, "x-checksum: 1234\r\n");
         assert_eq!(resp.status, 200, "envoy: {envoy}");
         let req = only_request(&upstream);
         let framing: Vec<_> = req
@@ -207,7 +209,12 @@ fn chunked_upload_framing_matches_envoy() {
             .filter(|(k, _)| k == "transfer-encoding" || k == "content-length")
             .cloned()
             .collect();
-        seen.push((req.line.clone(), framing, req.body == body));
+        seen.push((
+            req.line.clone(),
+            framing,
+            req.body == body,
+            req.trailers.clone(),
+        ));
     }
     assert_eq!(seen[0], seen[1], "envoy, then legate");
 }

@@ -16,6 +16,8 @@ pub struct WireRequest {
     pub fields: Vec<(String, String)>,
     /// The body after removing its framing (content-length or chunked).
     pub body: Vec<u8>,
+    /// A chunked body's trailer fields, as received.
+    pub trailers: Vec<String>,
 }
 
 impl WireRequest {
@@ -230,22 +232,27 @@ impl Reader<'_> {
             line,
             fields,
             body: Vec::new(),
+            trailers: Vec::new(),
         };
         let te = req.all("transfer-encoding");
         let cl = req.all("content-length");
-        let body = match (te.as_slice(), cl.as_slice()) {
-            ([], []) => Vec::new(),
+        let (body, trailers) = match (te.as_slice(), cl.as_slice()) {
+            ([], []) => (Vec::new(), Vec::new()),
             ([], [n]) => {
                 let n: usize = n.parse().map_err(|_| format!("content-length {n:?}"))?;
-                self.exact(n)?
+                (self.exact(n)?, Vec::new())
             }
             (["chunked"], []) => self.chunked()?,
             _ => return Err(format!("framing: te {te:?}, cl {cl:?}")),
         };
-        Ok(Some(WireRequest { body, ..req }))
+        Ok(Some(WireRequest {
+            body,
+            trailers,
+            ..req
+        }))
     }
 
-    fn chunked(&mut self) -> Result<Vec<u8>, String> {
+    fn chunked(&mut self) -> Result<(Vec<u8>, Vec<String>), String> {
         let mut body = Vec::new();
         loop {
             let line = self.line()?;
@@ -260,8 +267,14 @@ impl Reader<'_> {
                 ))?;
             if size == 0 {
                 // Trailers, then the empty line.
-                while !self.line()?.is_empty() {}
-                return Ok(body);
+                let mut trailers = Vec::new();
+                loop {
+                    let line = self.line()?;
+                    if line.is_empty() {
+                        return Ok((body, trailers));
+                    }
+                    trailers.push(String::from_utf8_lossy(&line).into_owned());
+                }
             }
             body.extend_from_slice(&self.exact(size)?);
             if self.exact(2)? != b"\r\n" {
