@@ -21,6 +21,15 @@ fn gateway(upstream: &WireUpstream, route_extra: &str) -> (Legate, u16) {
     (Legate::start(&yaml, port), port)
 }
 
+/// Envoy 1.40 (the oracle) or legate on `yaml`, listening on `port`; stopped when dropped.
+fn proxy(envoy: bool, yaml: &str, port: u16) -> Box<dyn std::any::Any> {
+    if envoy {
+        Box::new(Envoy::start(yaml, port))
+    } else {
+        Box::new(Legate::start(yaml, port))
+    }
+}
+
 /// A body whose every byte position is recognisable (a shifted or cut body shows).
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
@@ -32,10 +41,9 @@ fn pattern(len: usize) -> Vec<u8> {
 fn post_chunked(port: u16, body: &[u8], trailers: &str) -> Response {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let head = format!(
-        "POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
-    );
-    let mut wire = head.into_bytes();
+    let mut wire =
+        b"POST /upload HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
     let sizes = [1usize, 7, 4096, 65536, 333, 16384];
     let (mut at, mut i) = (0, 0);
     while at < body.len() {
@@ -195,11 +203,7 @@ fn chunked_upload_framing_matches_envoy() {
         let upstream = WireUpstream::start();
         let port = free_port();
         let yaml = one_route_bootstrap(port, "", &[upstream.port()], "");
-        let _proc: Box<dyn std::any::Any> = if envoy {
-            Box::new(Envoy::start(&yaml, port))
-        } else {
-            Box::new(Legate::start(&yaml, port))
-        };
+        let _proxy = proxy(envoy, &yaml, port);
         let resp = post_chunked(port, &body, "x-checksum: 1234\r\n");
         assert_eq!(resp.status, 200, "envoy: {envoy}");
         let req = only_request(&upstream);
@@ -243,11 +247,7 @@ fn a_body_finished_in_the_same_write_as_the_next_request_is_served_as_envoy_does
             let upstream = WireUpstream::start();
             let port = free_port();
             let yaml = one_route_bootstrap(port, "", &[upstream.port()], "");
-            let _proc: Box<dyn std::any::Any> = if envoy {
-                Box::new(Envoy::start(&yaml, port))
-            } else {
-                Box::new(Legate::start(&yaml, port))
-            };
+            let _proxy = proxy(envoy, &yaml, port);
             let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             s.write_all(first.as_bytes()).unwrap();
@@ -288,11 +288,7 @@ fn status_lines_are_written_as_envoy_writes_them() {
     for envoy in [true, false] {
         let port = free_port();
         let yaml = one_route_bootstrap(port, "", &[upstream], "");
-        let _proc: Box<dyn std::any::Any> = if envoy {
-            Box::new(Envoy::start(&yaml, port))
-        } else {
-            Box::new(Legate::start(&yaml, port))
-        };
+        let _proxy = proxy(envoy, &yaml, port);
         let mut lines = Vec::new();
         for path in ["/plain", "/reason", "/http10"] {
             let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
