@@ -5,34 +5,18 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Files whose messages (and everything they import) a bootstrap or an xDS resource may
-/// carry, including the extension types that appear inside `typed_config`.
-const ROOTS: &[&str] = &[
-    "envoy/config/bootstrap/v3/bootstrap.proto",
-    "envoy/service/discovery/v3/ads.proto",
-    "envoy/service/discovery/v3/discovery.proto",
-    "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
-    "envoy/extensions/filters/http/router/v3/router.proto",
-    "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
-    "envoy/extensions/transport_sockets/tls/v3/tls.proto",
-    "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
-    "envoy/extensions/filters/network/connection_limit/v3/connection_limit.proto",
-    "envoy/extensions/access_loggers/file/v3/file.proto",
-    "envoy/extensions/access_loggers/stream/v3/stream.proto",
-    "envoy/extensions/filters/http/local_ratelimit/v3/local_rate_limit.proto",
-    "envoy/extensions/filters/http/cors/v3/cors.proto",
-    "envoy/extensions/filters/http/header_mutation/v3/header_mutation.proto",
-    "envoy/extensions/filters/http/health_check/v3/health_check.proto",
-    "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
-    "envoy/extensions/request_id/uuid/v3/uuid.proto",
-];
+/// The API trees whose every file goes into the pool. All of Envoy's v3 API, not just the
+/// extensions legate implements: a config naming an extension legate lacks must still parse,
+/// so that `--validate` reports that extension by its path and goes on checking the rest
+/// (an unknown `@type` would stop the JSON parser at the first one).
+const TREES: &[&str] = &["data-plane-api/envoy", "xds/xds", "xds/udpa"];
 
 const INCLUDES: &[&str] = &[
     "data-plane-api",
     "xds",
     "googleapis",
     "protoc-gen-validate",
-    "cel-spec",
+    "cel-spec/proto",
     "client_model",
     "opentelemetry-proto",
 ];
@@ -43,18 +27,76 @@ fn main() {
     let mut includes: Vec<PathBuf> = INCLUDES.iter().map(|i| proto_dir.join(i)).collect();
     // TypedStruct (custom filter settings), which envoy-types does not ship.
     includes.push(manifest.join("proto"));
-    let roots = ROOTS
-        .iter()
-        .copied()
-        .chain(["typed_struct.proto", "udpa_typed_struct.proto"]);
-    let fds = protox::compile(roots, &includes).expect("compile envoy protos");
-    let bytes = prost::Message::encode_to_vec(&fds);
+    let mut roots = Vec::new();
+    for tree in TREES {
+        let base = proto_dir.join(tree);
+        // Paths relative to the include root the tree sits in (data-plane-api/, xds/).
+        let root = base.parent().expect("tree has a parent").to_path_buf();
+        collect_protos(&base, &root, &mut roots);
+    }
+    roots.sort();
+    roots.extend([
+        "typed_struct.proto".into(),
+        "udpa_typed_struct.proto".into(),
+        "unknown_type.proto".into(),
+    ]);
+    let bytes = compile(&roots, &includes);
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("envoy_descriptors.bin");
     std::fs::write(&out, bytes).expect("write descriptor set");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=Cargo.lock");
+}
+
+/// One descriptor set for all `roots`. protoc's scoping rule makes a relative name such as
+/// `common.dynamic_forward_proxy.v3.DnsCacheConfig` fail once a package named
+/// `envoy.extensions.clusters.common` is loaded too; Envoy never compiles those files
+/// together. A file that fails here is compiled on its own and its descriptors added; one
+/// that fails even alone (its imports bring the clash along) is left out.
+fn compile(roots: &[String], includes: &[PathBuf]) -> Vec<u8> {
+    let mut all = protox::Compiler::new(includes).expect("proto include paths");
+    all.include_imports(true);
+    let mut apart = Vec::new();
+    for root in roots {
+        if all.open_file(root).is_err() {
+            apart.push(root);
+        }
+    }
+    let mut fds = all.file_descriptor_set();
+    let mut seen: std::collections::HashSet<String> =
+        fds.file.iter().filter_map(|f| f.name.clone()).collect();
+    for root in apart {
+        let mut one = protox::Compiler::new(includes).expect("proto include paths");
+        one.include_imports(true);
+        // Such a type (today only envoy.extensions.clusters.dynamic_forward_proxy.v3.
+        // ClusterConfig) stays unknown to the parser, which reports it by its path like any
+        // type it has no descriptor for.
+        if one.open_file(root).is_err() {
+            continue;
+        }
+        for file in one.file_descriptor_set().file {
+            if seen.insert(file.name.clone().unwrap_or_default()) {
+                fds.file.push(file);
+            }
+        }
+    }
+    prost::Message::encode_to_vec(&fds)
+}
+
+fn collect_protos(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_protos(&path, root, out);
+        } else if path.extension().is_some_and(|e| e == "proto") {
+            let rel = path.strip_prefix(root).expect("under root");
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
 }
 
 /// Where cargo unpacked the `envoy-types` dependency: the registry source directory of the

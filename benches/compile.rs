@@ -31,7 +31,9 @@ fn bootstrap() -> String {
 }
 
 fn benches(c: &mut Criterion) {
-    let bootstrap = legate::config::parse_bootstrap(&bootstrap()).expect("bench bootstrap");
+    let bootstrap = legate::config::parse_bootstrap(&bootstrap())
+        .and_then(|p| p.strict())
+        .expect("bench bootstrap");
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);
     g.bench_function("10k_clusters_10k_routes", |b| {

@@ -35,8 +35,9 @@ fn bootstrap(hosts: usize) -> String {
 
 fn benches(c: &mut Criterion) {
     for hosts in [10, 100] {
-        let bootstrap =
-            legate::config::parse_bootstrap(&bootstrap(hosts)).expect("bench bootstrap");
+        let bootstrap = legate::config::parse_bootstrap(&bootstrap(hosts))
+            .and_then(|p| p.strict())
+            .expect("bench bootstrap");
         let snapshot = legate::snapshot::compile(bootstrap).expect("bench bootstrap compiles");
         let mut g = c.benchmark_group(format!("lb_pick_{hosts}_hosts"));
         for p in POLICIES {

@@ -24,7 +24,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct};
 use serde_json::Value as Json;
 
 use crate::config::error::{index, join, Errors};
-use crate::config::load::unpack_any;
+use crate::config::load::{type_name, unpack_any};
 use crate::reject_set;
 use crate::route::entry::read_data_source;
 
@@ -274,13 +274,13 @@ pub fn convert(list: &[AccessLog], at: &str, errs: &mut Errors) -> Vec<Logger> {
             continue;
         };
         let tat = join(&at, "typed_config");
-        let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+        let type_name = type_name(any);
         let default = || {
             Some(Template::Text(
                 parse_format(DEFAULT_FORMAT).unwrap_or_default(),
             ))
         };
-        let logger = match type_name {
+        let logger = match &*type_name {
             FILE_TYPE => match unpack_any::<FileAccessLog>(any, FILE_TYPE, &at) {
                 Ok(FileAccessLog {
                     path,
@@ -349,7 +349,11 @@ pub fn convert(list: &[AccessLog], at: &str, errs: &mut Errors) -> Vec<Logger> {
                 }
             },
             other => {
-                errs.add(&tat, format!("access logger {other} is not supported"));
+                errs.unsupported_extension(
+                    &tat,
+                    other,
+                    format!("access logger {other} is not supported"),
+                );
                 None
             }
         };

@@ -150,6 +150,7 @@ pub fn main() -> ExitCode {
                 for e in &errors.0 {
                     println!("{e}");
                 }
+                println!("{}", errors.summary());
                 ExitCode::FAILURE
             }
         };
@@ -173,6 +174,7 @@ pub fn main() -> ExitCode {
             for e in &errors.0 {
                 eprintln!("  {e}");
             }
+            eprintln!("legate: {}", errors.summary());
             ExitCode::FAILURE
         }
     }

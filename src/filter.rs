@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::error::{index, join, Errors};
-use crate::config::load::{unpack_any, unpack_or_report};
+use crate::config::load::{type_name, unpack_any, unpack_or_report};
 use crate::reject_set;
 use crate::route::matcher::HeaderMatcher;
 use crate::route::request::RequestView;
@@ -178,11 +178,11 @@ pub struct TypedStruct {
 
 /// A TypedStruct's inner type name and value as JSON, if `any` is one.
 fn typed_struct(any: &PbAny, at: &str, errs: &mut Errors) -> Option<(String, serde_json::Value)> {
-    let outer = any.type_url.rsplit('/').next().unwrap_or_default();
+    let outer = type_name(any);
     if outer != TYPED_STRUCT && outer != UDPA_TYPED_STRUCT {
         return None;
     }
-    let ts: TypedStruct = unpack_or_report(any, outer, at, errs)?;
+    let ts: TypedStruct = unpack_or_report(any, &outer, at, errs)?;
     let inner = ts
         .type_url
         .rsplit('/')
@@ -256,7 +256,7 @@ pub fn per_route_config(
     at: &str,
     errs: &mut Errors,
 ) -> Option<(String, Arc<dyn Any + Send + Sync>)> {
-    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let type_name = type_name(any);
     if type_name == crate::filters::local_ratelimit::TYPE {
         let f = builtin_local_ratelimit(any, at, errs)?;
         return Some((name.to_string(), Arc::new(f)));
@@ -275,11 +275,11 @@ pub fn per_route_config(
         return Some((name.to_string(), Arc::new(per_route(&p, at, errs))));
     }
     let Some((config_type, value)) = typed_struct(any, at, errs) else {
-        errs.add(
+        errs.unsupported_extension(
             at,
+            &type_name,
             format!(
-                "per-route settings of type {} are not supported (use a TypedStruct for a registered filter)",
-                any.type_url
+                "per-route settings of type {type_name} are not supported (use a TypedStruct for a registered filter)"
             ),
         );
         return None;
@@ -344,7 +344,8 @@ impl FilterChain {
                 }
                 None => None,
             };
-            let type_name = any.map(|a| a.type_url.rsplit('/').next().unwrap_or_default());
+            let type_name = any.map(type_name);
+            let type_name = type_name.as_deref();
             let is_router = type_name == Some(ROUTER)
                 || (type_name.is_none() && name == "envoy.filters.http.router");
             if is_router {
@@ -457,8 +458,9 @@ impl FilterChain {
                 );
                 continue;
             }
-            errs.add(
+            errs.unsupported_extension(
                 &at,
+                type_name.unwrap_or(name),
                 format!(
                     "unknown HTTP filter '{name}'{} (set is_optional: true to skip it)",
                     type_name

@@ -17,7 +17,7 @@ use crate::cluster::socket_address;
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
 use crate::config::http_options::ConnectionLimits;
-use crate::config::load::{unpack_any, unpack_or_report};
+use crate::config::load::{type_name, unpack_any, unpack_or_report};
 use crate::filter::FilterChain as HttpFilterChain;
 use crate::reject_set;
 use crate::route::RouteTable;
@@ -689,10 +689,11 @@ fn connection_limit_filter(f: &Filter, at: &str, errs: &mut Errors) -> Option<(S
         errs.add(join(at, "typed_config"), format!("required for {name}"));
         return None;
     };
-    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let type_name = type_name(any);
     if type_name != CONNECTION_LIMIT_TYPE {
-        errs.add(
+        errs.unsupported_extension(
             at,
+            &type_name,
             format!("network filter '{name}' ({type_name}) is not supported before the HTTP connection manager (only envoy.filters.network.connection_limit)"),
         );
         return None;
@@ -741,10 +742,11 @@ fn http_connection_manager(
             return None;
         }
     };
-    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let type_name = type_name(any);
     if type_name != HCM_TYPE {
-        errs.add(
+        errs.unsupported_extension(
             &at,
+            &type_name,
             format!("network filter '{name}' ({type_name}) is not supported; use {HCM_NAME}"),
         );
         return None;

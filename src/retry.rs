@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 
 use crate::config::duration;
 use crate::config::error::{index, join, Errors};
+use crate::config::load::type_name;
 use crate::reject_set;
 use crate::route::matcher::HeaderMatcher;
 use crate::route::request::RequestView;
@@ -164,10 +165,8 @@ impl RetryPolicy {
             let pat = index(&join(at, "retry_host_predicate"), i);
             // Envoy finds the extension by the type of its typed_config, not by its name.
             let type_name = match config_type {
-                Some(retry_host_predicate::ConfigType::TypedConfig(a)) => {
-                    a.type_url.rsplit('/').next().unwrap_or_default()
-                }
-                None => "",
+                Some(retry_host_predicate::ConfigType::TypedConfig(a)) => type_name(a),
+                None => "".into(),
             };
             if type_name == PREVIOUS_HOSTS_TYPE {
                 previous_hosts = true;
@@ -177,8 +176,9 @@ impl RetryPolicy {
                     format!("required for {name} (type.googleapis.com/{PREVIOUS_HOSTS_TYPE})"),
                 );
             } else {
-                errs.add(
+                errs.unsupported_extension(
                     join(&pat, "typed_config"),
+                    &type_name,
                     format!("{type_name} is not supported (only {PREVIOUS_HOSTS_TYPE})"),
                 );
             }

@@ -19,9 +19,10 @@ use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
+use crate::config::load::Parsed;
 use crate::config::{load_bootstrap_file, parse_bootstrap, ConfigErrors};
 use crate::proxy::LegateProxy;
-use crate::snapshot::{compile, compile_with, Snapshot};
+use crate::snapshot::{compile_with, Snapshot};
 use crate::xds::client::Needs;
 use crate::xds::Dynamic;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
@@ -38,11 +39,17 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
+    /// The file compiled, with every problem in it reported (not just the first).
     pub fn load(&self) -> Result<Snapshot, ConfigErrors> {
-        compile(self.bootstrap()?)
+        self.load_with(Arc::new(Dynamic::default()))
     }
 
-    pub fn bootstrap(&self) -> Result<Bootstrap, ConfigErrors> {
+    /// Like `load`, with the resources a management server delivered.
+    fn load_with(&self, dynamic: Arc<Dynamic>) -> Result<Snapshot, ConfigErrors> {
+        self.bootstrap()?.compile(|b| compile_with(b, dynamic))
+    }
+
+    pub fn bootstrap(&self) -> Result<Parsed<Bootstrap>, ConfigErrors> {
         match self {
             ConfigSource::File(p) => load_bootstrap_file(p),
             ConfigSource::BuiltIn(text) => parse_bootstrap(text),
@@ -838,12 +845,8 @@ impl Gateway {
                 self.source.describe()
             );
         };
-        let bootstrap = match self.source.bootstrap() {
-            Ok(b) => b,
-            Err(e) => return reject(e.to_string().replace('\n', "; ")),
-        };
         let old = self.shared.load_full();
-        let new = match compile_with(bootstrap, old.dynamic.clone()) {
+        let new = match self.source.load_with(old.dynamic.clone()) {
             Ok(n) => n,
             Err(e) => return reject(e.to_string().replace('\n', "; ")),
         };

@@ -21,6 +21,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
 };
 
+use envoy_types::pb::google::protobuf::{UInt32Value, UInt64Value};
+
 use super::lb::{self, LbPolicy};
 use super::{Discovery, EndpointSpec};
 use crate::config::duration;
@@ -73,29 +75,11 @@ pub(super) fn convert_lb_policy(
             if *hash_function != HashFunction::XxHash as i32 {
                 errs.add(join(&at, "hash_function"), "only XX_HASH is supported");
             }
-            let min = minimum_ring_size.map_or(1024, |v| v.value);
-            let max = maximum_ring_size.map_or(8 * 1024 * 1024, |v| v.value);
-            if min == 0 || min > max || max > 8 * 1024 * 1024 {
-                errs.add(
-                    &at,
-                    "ring sizes must satisfy 0 < minimum_ring_size <= maximum_ring_size <= 8M",
-                );
-            }
-            Some(LbPolicy::RingHash {
-                min_ring_size: min,
-                max_ring_size: max,
-            })
+            Some(ring_hash(*minimum_ring_size, *maximum_ring_size, &at, errs))
         }
         (LbPolicy::Maglev { .. }, LbConfig::MaglevLbConfig(c)) => {
             let MaglevLbConfig { table_size } = c;
-            let size = table_size.map_or(lb::maglev_default_table_size(), |v| v.value);
-            if !is_prime(size) || size > 5_000_011 {
-                errs.add(
-                    join(at, "maglev_lb_config.table_size"),
-                    "must be a prime number no larger than 5000011",
-                );
-            }
-            Some(LbPolicy::Maglev { table_size: size })
+            Some(maglev(*table_size, &join(at, "maglev_lb_config"), errs))
         }
         (LbPolicy::LeastRequest { .. }, LbConfig::LeastRequestLbConfig(c)) => {
             let at = join(at, "least_request_lb_config");
@@ -105,11 +89,7 @@ pub(super) fn convert_lb_policy(
                 slow_start_config,
             } = c;
             reject_set!(errs, &at, active_request_bias, slow_start_config);
-            let n = choice_count.map_or(2, |v| v.value);
-            if n < 2 {
-                errs.add(join(&at, "choice_count"), "must be at least 2");
-            }
-            Some(LbPolicy::LeastRequest { choice_count: n })
+            Some(least_request(*choice_count, &at, errs))
         }
         (LbPolicy::RoundRobin, LbConfig::RoundRobinLbConfig(c)) => {
             let RoundRobinLbConfig { slow_start_config } = c;
@@ -124,6 +104,49 @@ pub(super) fn convert_lb_policy(
             Some(p)
         }
     }
+}
+
+pub(super) fn ring_hash(
+    minimum_ring_size: Option<UInt64Value>,
+    maximum_ring_size: Option<UInt64Value>,
+    at: &str,
+    errs: &mut Errors,
+) -> LbPolicy {
+    let min = minimum_ring_size.map_or(1024, |v| v.value);
+    let max = maximum_ring_size.map_or(8 * 1024 * 1024, |v| v.value);
+    if min == 0 || min > max || max > 8 * 1024 * 1024 {
+        errs.add(
+            at,
+            "ring sizes must satisfy 0 < minimum_ring_size <= maximum_ring_size <= 8M",
+        );
+    }
+    LbPolicy::RingHash {
+        min_ring_size: min,
+        max_ring_size: max,
+    }
+}
+
+pub(super) fn maglev(table_size: Option<UInt64Value>, at: &str, errs: &mut Errors) -> LbPolicy {
+    let size = table_size.map_or(lb::maglev_default_table_size(), |v| v.value);
+    if !is_prime(size) || size > 5_000_011 {
+        errs.add(
+            join(at, "table_size"),
+            "must be a prime number no larger than 5000011",
+        );
+    }
+    LbPolicy::Maglev { table_size: size }
+}
+
+pub(super) fn least_request(
+    choice_count: Option<UInt32Value>,
+    at: &str,
+    errs: &mut Errors,
+) -> LbPolicy {
+    let n = choice_count.map_or(2, |v| v.value);
+    if n < 2 {
+        errs.add(join(at, "choice_count"), "must be at least 2");
+    }
+    LbPolicy::LeastRequest { choice_count: n }
 }
 
 fn is_prime(n: u64) -> bool {

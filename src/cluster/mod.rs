@@ -9,6 +9,7 @@ pub mod host;
 pub mod lb;
 pub mod outlier;
 pub mod priority;
+mod typed_lb;
 
 pub use config::socket_address;
 
@@ -169,7 +170,9 @@ impl Cluster {
             protocol_selection,
             upstream_connection_options,
             close_connections_on_host_health_failure,
-            ignore_health_on_host_removal,
+            // A host removed by EDS or DNS leaves at once, healthy or not: what Envoy does
+            // with this set, which is how control planes set it.
+            ignore_health_on_host_removal: _,
             filters,
             load_balancing_policy,
             lrs_server,
@@ -210,9 +213,7 @@ impl Cluster {
             protocol_selection,
             upstream_connection_options,
             close_connections_on_host_health_failure,
-            ignore_health_on_host_removal,
             filters,
-            load_balancing_policy,
             lrs_server,
             lrs_report_endpoint_metrics,
             track_timeout_budgets,
@@ -255,9 +256,19 @@ impl Cluster {
                 DnsLookupFamily::Auto
             }
         };
-        let policy = convert_lb_policy(*lb_policy, lb_config, at, errs)?;
-        let (locality_weighted, panic_threshold) =
+        let (mut locality_weighted, panic_threshold) =
             convert_common_lb(common_lb_config, &join(at, "common_lb_config"), errs);
+        // Envoy: a load_balancing_policy supersedes lb_policy, and its own locality settings
+        // replace common_lb_config's.
+        let policy = match load_balancing_policy {
+            Some(p) => {
+                let (policy, weighted) =
+                    typed_lb::convert(p, &join(at, "load_balancing_policy"), errs)?;
+                locality_weighted = weighted;
+                policy
+            }
+            None => convert_lb_policy(*lb_policy, lb_config, at, errs)?,
+        };
         let health_check = match health_checks.as_slice() {
             [] => None,
             [hc] => HealthCheckConfig::convert(hc, &join(at, "health_checks[0]"), errs),

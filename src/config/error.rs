@@ -8,6 +8,27 @@ use std::fmt;
 pub struct ConfigError {
     pub path: String,
     pub reason: String,
+    /// The extension type this error is about, when the problem is that legate does not
+    /// implement it (for the summary a migrating user reads first).
+    pub extension: Option<String>,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+            extension: None,
+        }
+    }
+
+    /// An extension (by its type's full name) that legate does not implement.
+    pub fn extension(path: &str, reason: impl Into<String>, type_name: &str) -> Self {
+        ConfigError {
+            extension: Some(type_name.to_string()),
+            ..ConfigError::new(path, reason)
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -27,10 +48,30 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
     pub fn one(path: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigErrors(vec![ConfigError {
-            path: path.into(),
-            reason: reason.into(),
-        }])
+        ConfigErrors(vec![ConfigError::new(path, reason)])
+    }
+
+    /// `N errors; extension types legate does not implement: a, b`: the line `--validate`
+    /// ends with.
+    pub fn summary(&self) -> String {
+        let n = self.0.len();
+        let mut line = format!("{n} error{}", if n == 1 { "" } else { "s" });
+        let mut types: Vec<&str> = self
+            .0
+            .iter()
+            .filter_map(|e| e.extension.as_deref())
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        if !types.is_empty() {
+            line.push_str(&format!(
+                "; {} extension type{} legate does not implement: {}",
+                types.len(),
+                if types.len() == 1 { "" } else { "s" },
+                types.join(", ")
+            ));
+        }
+        line
     }
 }
 
@@ -56,10 +97,20 @@ pub struct Errors {
 
 impl Errors {
     pub fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigError {
-            path: path.into(),
-            reason: reason.into(),
-        });
+        self.list.push(ConfigError::new(path, reason));
+    }
+
+    /// An extension legate does not implement, by its type's full name (or, where the
+    /// config gives no type, its extension name): counted in the summary.
+    pub fn unsupported_extension(
+        &mut self,
+        at: impl Into<String>,
+        type_name: &str,
+        reason: impl Into<String>,
+    ) {
+        let at = at.into();
+        self.list
+            .push(ConfigError::extension(&at, reason, type_name));
     }
 
     /// Records `at.field: not supported` when a field the gateway does not implement is set.

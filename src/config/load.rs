@@ -1,13 +1,16 @@
 //! Envoy's file format in: YAML or JSON in the proto3 JSON mapping, converted to the typed
 //! v3 messages through a descriptor pool built from the same protos as the types.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 
-use super::error::ConfigErrors;
+use super::error::{ConfigError, ConfigErrors};
+use super::shape::{shape, UnknownAny, UNKNOWN_TYPE};
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
@@ -32,20 +35,83 @@ pub fn pool() -> Arc<DescriptorPool> {
     pool
 }
 
+/// A config read from text: the message, and the `Any`s whose types the descriptor pool
+/// lacks, left in it as placeholders ([`type_name`] still gives their names).
+#[derive(Debug)]
+pub struct Parsed<M> {
+    pub message: M,
+    pub unknown: Vec<UnknownAny>,
+}
+
+impl<M> Parsed<M> {
+    /// The message, or an error for each unknown type (for callers that will not compile it).
+    pub fn strict(self) -> Result<M, ConfigErrors> {
+        if self.unknown.is_empty() {
+            Ok(self.message)
+        } else {
+            Err(report_unknown(&self.unknown, ConfigErrors::default()))
+        }
+    }
+
+    /// Compiles the message with `compile`, adding an error for every unknown type the
+    /// compiler did not already report by name: a config with an unknown type is never
+    /// accepted, and its other problems are still all reported.
+    pub fn compile<T>(
+        self,
+        compile: impl FnOnce(M) -> Result<T, ConfigErrors>,
+    ) -> Result<T, ConfigErrors> {
+        let compiled = compile(self.message);
+        if self.unknown.is_empty() {
+            return compiled;
+        }
+        Err(report_unknown(
+            &self.unknown,
+            compiled.err().unwrap_or_default(),
+        ))
+    }
+}
+
+fn report_unknown(unknown: &[UnknownAny], mut errors: ConfigErrors) -> ConfigErrors {
+    for u in unknown {
+        let named = errors
+            .0
+            .iter()
+            .any(|e| e.reason.contains(&u.type_name) || e.path.starts_with(&u.path));
+        if !named {
+            errors.0.push(ConfigError::extension(
+                &u.path,
+                format!("type {} is not part of Envoy's v3 API", u.type_name),
+                &u.type_name,
+            ));
+        }
+    }
+    errors
+}
+
 /// Reads a bootstrap file (YAML or JSON, told apart by content).
-pub fn load_bootstrap_file(path: &std::path::Path) -> Result<Bootstrap, ConfigErrors> {
+pub fn load_bootstrap_file(path: &std::path::Path) -> Result<Parsed<Bootstrap>, ConfigErrors> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigErrors::one("", format!("cannot read {}: {e}", path.display())))?;
     parse_bootstrap(&text)
 }
 
 /// Parses bootstrap text (YAML or JSON).
-pub fn parse_bootstrap(text: &str) -> Result<Bootstrap, ConfigErrors> {
-    parse_message(text, "envoy.config.bootstrap.v3.Bootstrap")
+pub fn parse_bootstrap(text: &str) -> Result<Parsed<Bootstrap>, ConfigErrors> {
+    parse_lenient(text, "envoy.config.bootstrap.v3.Bootstrap")
 }
 
-/// Parses any Envoy message of the pool from YAML or JSON text.
+/// Parses any Envoy message of the pool from YAML or JSON text; an extension type the pool
+/// lacks is an error.
 pub fn parse_message<M: Message + Default>(text: &str, full_name: &str) -> Result<M, ConfigErrors> {
+    parse_lenient(text, full_name)?.strict()
+}
+
+/// Parses any Envoy message of the pool from YAML or JSON text, keeping extensions of types
+/// the pool lacks as placeholders.
+pub fn parse_lenient<M: Message + Default>(
+    text: &str,
+    full_name: &str,
+) -> Result<Parsed<M>, ConfigErrors> {
     let value = text_to_json(text)?;
     json_to_message(value, full_name)
 }
@@ -72,12 +138,14 @@ fn text_to_json(text: &str) -> Result<serde_json::Value, ConfigErrors> {
 
 /// Converts a proto3-JSON value to a typed message, with the failing field's path in errors.
 pub fn json_to_message<M: Message + Default>(
-    value: serde_json::Value,
+    mut value: serde_json::Value,
     full_name: &str,
-) -> Result<M, ConfigErrors> {
-    let desc = pool()
+) -> Result<Parsed<M>, ConfigErrors> {
+    let pool = pool();
+    let desc = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| ConfigErrors::one("", format!("unknown message type {full_name}")))?;
+    let unknown = shape(&mut value, &desc, &pool);
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(value, &mut track);
     let dynamic = match DynamicMessage::deserialize(desc, de) {
@@ -88,8 +156,9 @@ pub fn json_to_message<M: Message + Default>(
             return Err(ConfigErrors::one(path, strip_position(&e.to_string())));
         }
     };
-    M::decode(dynamic.encode_to_vec().as_slice())
-        .map_err(|e| ConfigErrors::one("", format!("cannot decode {full_name}: {e}")))
+    let message = M::decode(dynamic.encode_to_vec().as_slice())
+        .map_err(|e| ConfigErrors::one("", format!("cannot decode {full_name}: {e}")))?;
+    Ok(Parsed { message, unknown })
 }
 
 /// serde_json appends "at line L column C" of the converted JSON, which points nowhere in
@@ -101,13 +170,40 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
+/// The full name of the message type an `Any` holds, e.g.
+/// `envoy.extensions.filters.http.router.v3.Router`; for a placeholder left by the parser,
+/// the name the config gave.
+pub fn type_name(any: &Any) -> Cow<'_, str> {
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name != UNKNOWN_TYPE {
+        return Cow::Borrowed(name);
+    }
+    match UnknownType::decode(any.value.as_slice()) {
+        Ok(u) => Cow::Owned(
+            u.type_url
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        Err(_) => Cow::Borrowed(name),
+    }
+}
+
+/// proto/unknown_type.proto.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UnknownType {
+    #[prost(string, tag = "1")]
+    type_url: String,
+}
+
 /// Unpacks a `google.protobuf.Any` into the typed message its URL names.
 pub fn unpack_any<M: Message + Default>(
-    any: &envoy_types::pb::google::protobuf::Any,
+    any: &Any,
     expected: &str,
     at: &str,
 ) -> Result<M, ConfigErrors> {
-    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let name = type_name(any);
     if name != expected {
         return Err(ConfigErrors::one(
             super::error::join(at, "typed_config"),
@@ -124,7 +220,7 @@ pub fn unpack_any<M: Message + Default>(
 
 /// [`unpack_any`], with its error added to `errs`: None when the message did not unpack.
 pub fn unpack_or_report<M: Message + Default>(
-    any: &envoy_types::pb::google::protobuf::Any,
+    any: &Any,
     expected: &str,
     at: &str,
     errs: &mut super::error::Errors,
@@ -175,7 +271,7 @@ mod tests {
             r#"{"staticResources":{"clusters":[{"name":"a","connectTimeout":"0.25s"}]}}"#,
         )
         .unwrap();
-        let c = &b.static_resources.unwrap().clusters[0];
+        let c = &b.message.static_resources.unwrap().clusters[0];
         assert_eq!(c.connect_timeout.unwrap().nanos, 250_000_000);
     }
 }

@@ -4,6 +4,7 @@ pub mod duration;
 pub mod error;
 pub mod http_options;
 pub mod load;
+pub mod shape;
 
 pub use error::{ConfigError, ConfigErrors, Errors};
 pub use load::{load_bootstrap_file, parse_bootstrap};

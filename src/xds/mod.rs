@@ -70,6 +70,14 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Unset (AUTO) means V3 in Envoy 1.40, as in the standard ADS bootstrap, which sets neither
+/// version; V2 is gone from Envoy.
+fn check_api_version(version: i32, at: &str, errs: &mut Errors) {
+    if version != ApiVersion::Auto as i32 && version != ApiVersion::V3 as i32 {
+        errs.add(at, "only V3 is supported (or leave it unset)");
+    }
+}
+
 fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Duration> {
     let ConfigSource {
         authorities,
@@ -78,9 +86,11 @@ fn check_ads_source(c: &ConfigSource, at: &str, errs: &mut Errors) -> Option<Dur
         config_source_specifier,
     } = c;
     reject_set!(errs, at, authorities);
-    if *resource_api_version != ApiVersion::V3 as i32 {
-        errs.add(join(at, "resource_api_version"), "only V3 is supported");
-    }
+    check_api_version(
+        *resource_api_version,
+        &join(at, "resource_api_version"),
+        errs,
+    );
     match config_source_specifier {
         Some(ConfigSourceSpecifier::Ads(_)) => {}
         _ => errs.add(at, "only ads: {} is supported"),
@@ -139,9 +149,11 @@ impl XdsConfig {
             Ok(ApiType::DeltaGrpc) => {}
             _ => errs.add(join(&aat, "api_type"), "only GRPC is supported"),
         }
-        if *transport_api_version != ApiVersion::V3 as i32 {
-            errs.add(join(&aat, "transport_api_version"), "only V3 is supported");
-        }
+        check_api_version(
+            *transport_api_version,
+            &join(&aat, "transport_api_version"),
+            errs,
+        );
         let [GrpcService {
             timeout,
             initial_metadata,
