@@ -11,5 +11,5 @@ envoy --version | grep -o '1\.[0-9]*\.[0-9]*' | head -1 | sed 's/^/test: envoy /
 cargo test --lib --bins --tests "$@"
 # Plaintext HTTP/1 runs on legate's own engine by default; the suites that proxy it run
 # again through Pingora's (--engine pingora), which must answer alike.
-LEGATE_TEST_ENGINE=pingora cargo test --test gateway --test retries --test envoy_diff --test http1_bodies --test http1_smuggling \
+LEGATE_TEST_ENGINE=pingora cargo test --test gateway --test retries --test envoy_diff --test http1_bodies --test http1_smuggling --test hcm_requests \
   --test envoy_retry_diff --test access_log --test header_mutation --test resilience "$@"

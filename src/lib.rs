@@ -15,6 +15,7 @@ pub mod filters;
 pub mod http1;
 pub mod io;
 pub mod listener;
+pub mod path_normalization;
 pub mod proxy;
 pub mod retry;
 pub mod route;

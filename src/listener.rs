@@ -75,8 +75,11 @@ pub struct HttpConnectionManager {
     /// `codec_type: AUTO` on plaintext also accepts HTTP/2 with prior knowledge (h2c), as
     /// Envoy detects the connection preface; `HTTP1` does not.
     pub h2c: bool,
-    /// `upgrade_configs`: the enabled upgrade types, lowercased (e.g. `websocket`).
-    pub upgrades: Vec<String>,
+    /// `upgrade_configs`: (type lowercased, e.g. `websocket`; enabled). A route's own
+    /// `upgrade_configs` override these per type.
+    pub upgrades: Vec<(String, bool)>,
+    /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
+    pub path_normalization: crate::path_normalization::PathNormalization,
     /// `max_request_headers_kb` in bytes (Envoy counts names and values).
     pub max_request_headers_bytes: usize,
     /// `common_http_protocol_options` connection limits.
@@ -113,6 +116,28 @@ pub struct InternalAddresses(Vec<ipnet::IpNet>);
 impl InternalAddresses {
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn escaped_slashes_action(
+    v: i32,
+    at: &str,
+    errs: &mut Errors,
+) -> crate::path_normalization::EscapedSlashes {
+    use crate::path_normalization::EscapedSlashes;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::PathWithEscapedSlashesAction as A;
+    match A::try_from(v) {
+        // IMPLEMENTATION_SPECIFIC_DEFAULT is KEEP_UNCHANGED in Envoy.
+        Ok(A::ImplementationSpecificDefault) | Ok(A::KeepUnchanged) => {
+            EscapedSlashes::KeepUnchanged
+        }
+        Ok(A::RejectRequest) => EscapedSlashes::RejectRequest,
+        Ok(A::UnescapeAndRedirect) => EscapedSlashes::UnescapeAndRedirect,
+        Ok(A::UnescapeAndForward) => EscapedSlashes::UnescapeAndForward,
+        Err(_) => {
+            errs.add(at, "unknown value");
+            EscapedSlashes::KeepUnchanged
+        }
     }
 }
 
@@ -852,8 +877,6 @@ fn convert_hcm(
         forward_client_cert_matcher,
         proxy_100_continue,
         represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
-        merge_slashes,
-        path_with_escaped_slashes_action,
         request_id_extension,
         local_reply_config,
         stream_error_on_invalid_http_message,
@@ -867,9 +890,16 @@ fn convert_hcm(
         forward_proto_config,
     );
     let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs).into();
-    if normalize_path.is_some_and(|b| b.value) {
-        errs.add(join(at, "normalize_path"), "not supported");
-    }
+    let path_normalization = crate::path_normalization::PathNormalization {
+        // Envoy's default without the field is its runtime key's, false.
+        normalize: normalize_path.is_some_and(|b| b.value),
+        merge_slashes: *merge_slashes,
+        escaped_slashes: escaped_slashes_action(
+            *path_with_escaped_slashes_action,
+            &join(at, "path_with_escaped_slashes_action"),
+            errs,
+        ),
+    };
     match CodecType::try_from(*codec_type) {
         Ok(CodecType::Auto) | Ok(CodecType::Http1) => {}
         // Handled below: HTTP2 (h2 only) is not offered yet.
@@ -894,8 +924,11 @@ fn convert_hcm(
         reject_set!(errs, &uat, filters);
         if upgrade_type.eq_ignore_ascii_case("connect") {
             errs.add(join(&uat, "upgrade_type"), "CONNECT is not supported");
-        } else if enabled.is_none_or(|b| b.value) {
-            upgrades.push(upgrade_type.to_ascii_lowercase());
+        } else {
+            upgrades.push((
+                upgrade_type.to_ascii_lowercase(),
+                enabled.is_none_or(|b| b.value),
+            ));
         }
     }
     let server_header = match ServerHeaderTransformation::try_from(*server_header_transformation) {
@@ -1022,6 +1055,7 @@ fn convert_hcm(
     }
     Some(HttpConnectionManager {
         upgrades,
+        path_normalization,
         max_request_headers_bytes: max_request_headers_kb as usize * 1024,
         limits,
         h2c: *codec_type == CodecType::Auto as i32,

@@ -86,6 +86,10 @@ pub struct HttpStats {
     pub downstream_cx_active: AtomicU64,
     /// Connections closed for a request their codec refused.
     pub downstream_cx_protocol_error: AtomicU64,
+    /// Paths `normalize_path` or `path_with_escaped_slashes_action` refused (400).
+    pub downstream_rq_failed_path_normalization: AtomicU64,
+    /// Requests answered 307 by `UNESCAPE_AND_REDIRECT`.
+    pub downstream_rq_redirected_with_normalized_path: AtomicU64,
     pub downstream_rq_time: Histogram,
 }
 
@@ -253,12 +257,27 @@ pub fn collect(extra_gauges: Vec<GaugeValue>) -> Vec<Stat> {
                 value: load(&h.downstream_rq_class[i]),
             });
         }
-        out.push(Stat::Counter {
-            name: format!("http.{prefix}.downstream_cx_protocol_error"),
-            prom: "envoy_http_downstream_cx_protocol_error".into(),
-            tags: tag.clone(),
-            value: load(&h.downstream_cx_protocol_error),
-        });
+        for (name, value) in [
+            (
+                "downstream_cx_protocol_error",
+                &h.downstream_cx_protocol_error,
+            ),
+            (
+                "downstream_rq_failed_path_normalization",
+                &h.downstream_rq_failed_path_normalization,
+            ),
+            (
+                "downstream_rq_redirected_with_normalized_path",
+                &h.downstream_rq_redirected_with_normalized_path,
+            ),
+        ] {
+            out.push(Stat::Counter {
+                name: format!("http.{prefix}.{name}"),
+                prom: format!("envoy_http_{name}"),
+                tags: tag.clone(),
+                value: load(value),
+            });
+        }
         out.push(Stat::Gauge {
             name: format!("http.{prefix}.downstream_cx_active"),
             prom: "envoy_http_downstream_cx_active".into(),

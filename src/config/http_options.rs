@@ -14,10 +14,22 @@ use crate::reject_set;
 /// Envoy's default `max_headers_count`.
 pub const DEFAULT_MAX_HEADERS_COUNT: u32 = 100;
 
+/// `headers_with_underscores_action`: what becomes of a request header whose name has `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnderscoresAction {
+    #[default]
+    Allow,
+    /// Answered as a malformed request (400, connection closed).
+    RejectRequest,
+    /// The header is removed.
+    DropHeader,
+}
+
 /// The downstream connection limits of `common_http_protocol_options`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub max_headers_count: u32,
+    pub headers_with_underscores: UnderscoresAction,
     /// Closed (after the request in flight) once this old.
     pub max_connection_duration: Option<Duration>,
     /// Closed after this many requests.
@@ -28,6 +40,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_headers_count: DEFAULT_MAX_HEADERS_COUNT,
+            headers_with_underscores: UnderscoresAction::Allow,
             max_connection_duration: None,
             max_requests_per_connection: None,
         }
@@ -45,6 +58,7 @@ pub fn idle_timeout<'a>(
         max_connection_duration,
         max_headers_count,
         max_requests_per_connection,
+        headers_with_underscores_action,
         ..
     } = o;
     reject_set!(
@@ -53,6 +67,7 @@ pub fn idle_timeout<'a>(
         max_connection_duration,
         max_headers_count,
         max_requests_per_connection,
+        headers_with_underscores_action,
     );
     downstream(o, at, errs).0
 }
@@ -79,7 +94,6 @@ pub fn downstream<'a>(
         max_connection_duration_jitter,
         max_response_headers_kb,
         max_stream_duration,
-        headers_with_underscores_action,
     );
     duration::check(idle_timeout, &join(at, "idle_timeout"), errs);
     duration::check(
@@ -94,6 +108,16 @@ pub fn downstream<'a>(
             .map(|v| v.value)
             .filter(|v| *v > 0),
         ..ConnectionLimits::default()
+    };
+    use envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as A;
+    limits.headers_with_underscores = match A::try_from(*headers_with_underscores_action) {
+        Ok(A::Allow) => UnderscoresAction::Allow,
+        Ok(A::RejectRequest) => UnderscoresAction::RejectRequest,
+        Ok(A::DropHeader) => UnderscoresAction::DropHeader,
+        Err(_) => {
+            errs.add(join(at, "headers_with_underscores_action"), "unknown value");
+            UnderscoresAction::Allow
+        }
     };
     if let Some(n) = max_headers_count {
         if n.value == 0 {

@@ -779,6 +779,9 @@ pub(crate) async fn handle_request<C: Client>(
     hcm.stats
         .downstream_rq_total
         .fetch_add(1, Ordering::Relaxed);
+    if !ctx.refused_head {
+        ctx.refused_head = underscores_refused(session.req_header_mut(), hcm);
+    }
     if ctx.refused_head {
         // As Envoy answers a head its codec refuses: 400 and close, logged as DPE with
         // no method or path.
@@ -802,6 +805,14 @@ pub(crate) async fn handle_request<C: Client>(
         send_local_reply(session, ctx, LocalReply::new(426, "Upgrade Required")).await?;
         return Ok(true);
     }
+    if let Some(reply) = normalize_path(session.req_header_mut(), hcm) {
+        if reply.status == 400 {
+            // As Envoy closes an HTTP/1 connection after a 400 it answers itself.
+            session.set_keepalive(None);
+        }
+        send_local_reply(session, ctx, reply).await?;
+        return Ok(true);
+    }
     if expects_continue(session.req_header()) {
         // Envoy's default (`proxy_100_continue: false`, the only setting accepted): the
         // proxy answers the interim response itself, and the upstream never sees the
@@ -817,14 +828,8 @@ pub(crate) async fn handle_request<C: Client>(
         Some(_) => "https",
         None => "http",
     };
-    if let Some(kind) = downstream::requested_upgrade(session.req_header()) {
-        if !hcm.upgrades.contains(&kind) {
-            // Envoy refuses an upgrade the connection manager does not allow.
-            send_local_reply(session, ctx, LocalReply::new(403, "")).await?;
-            return Ok(true);
-        }
-        ctx.upgrade = true;
-    }
+    let upgrade = downstream::requested_upgrade(session.req_header());
+    ctx.upgrade = upgrade.is_some();
     let ds = downstream::mutate_request_headers(
         hcm,
         session.req_header_mut(),
@@ -838,6 +843,15 @@ pub(crate) async fn handle_request<C: Client>(
     // Routing is decided first so that filters know the route (as Envoy's filters see
     // the cached route); it is acted on after them.
     let unroutable = find_route(session.req_header(), ctx, &listener);
+    if let Some(kind) = &upgrade {
+        if !upgrade_allowed(kind, hcm, ctx) {
+            // Envoy refuses an upgrade its route and connection manager do not allow, and
+            // closes: the upgrade's payload might hold a smuggled request.
+            session.set_keepalive(None);
+            send_local_reply(session, ctx, LocalReply::new(403, "")).await?;
+            return Ok(true);
+        }
+    }
     ctx.filter_state = hcm
         .filters
         .filters
@@ -1141,6 +1155,102 @@ fn find_route(
     };
     ctx.route = chain.hcm.routes.route_index(&view);
     None
+}
+
+/// `headers_with_underscores_action`, applied where Envoy's codec applies it: true when the
+/// request is to be refused as malformed; dropped headers are removed here.
+fn underscores_refused(
+    req: &mut pingora::http::RequestHeader,
+    hcm: &HttpConnectionManager,
+) -> bool {
+    use crate::config::http_options::UnderscoresAction;
+    let action = hcm.limits.headers_with_underscores;
+    if action == UnderscoresAction::Allow {
+        return false;
+    }
+    let named: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    if named.is_empty() {
+        return false;
+    }
+    if action == UnderscoresAction::RejectRequest {
+        return true;
+    }
+    for k in named {
+        req.remove_header(&k);
+    }
+    false
+}
+
+/// Whether an upgrade may go through: the connection manager's `upgrade_configs`, then the
+/// route's, which override per type. Without a route it goes on (to the router's 404).
+fn upgrade_allowed(kind: &str, hcm: &HttpConnectionManager, ctx: &RequestCtx) -> bool {
+    let Some(m) = ctx.matched() else {
+        return true;
+    };
+    let mut enabled = hcm
+        .upgrades
+        .iter()
+        .find(|(k, _)| k == kind)
+        .is_some_and(|(_, on)| *on);
+    if let Action::Forward(a) = &m.route.action {
+        if let Some((_, on)) = a.upgrades.iter().find(|(k, _)| k == kind) {
+            enabled = *on;
+        }
+    }
+    enabled
+}
+
+/// The connection manager's path sanitising (see `path_normalization`): the request goes on
+/// with the new path, or is answered 400 (refused) or 307 (escaped slashes, redirected).
+fn normalize_path(
+    req: &mut pingora::http::RequestHeader,
+    hcm: &HttpConnectionManager,
+) -> Option<LocalReply> {
+    use crate::path_normalization::{normalize, PathAction};
+    if hcm.path_normalization.is_off() {
+        return None;
+    }
+    let original = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    match normalize(original, &hcm.path_normalization) {
+        PathAction::Continue(None) => None,
+        PathAction::Continue(Some(path)) => match http::Uri::try_from(path) {
+            Ok(uri) => {
+                req.set_uri(uri);
+                None
+            }
+            Err(_) => Some(path_refused(hcm)),
+        },
+        PathAction::Redirect(path) => {
+            let grpc = req
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if grpc {
+                // gRPC clients do not follow redirects: Envoy refuses these instead.
+                return Some(path_refused(hcm));
+            }
+            hcm.stats
+                .downstream_rq_redirected_with_normalized_path
+                .fetch_add(1, Ordering::Relaxed);
+            let mut reply = LocalReply::new(307, Bytes::new());
+            reply.location = Some(path);
+            Some(reply)
+        }
+        PathAction::Reject => Some(path_refused(hcm)),
+    }
+}
+
+fn path_refused(hcm: &HttpConnectionManager) -> LocalReply {
+    hcm.stats
+        .downstream_rq_failed_path_normalization
+        .fetch_add(1, Ordering::Relaxed);
+    LocalReply::new(400, Bytes::new())
 }
 
 /// Picks the cluster and host for the matched route, or says what to answer instead.

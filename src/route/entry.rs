@@ -350,6 +350,43 @@ pub struct RouteAction {
     pub retry_policy: Option<RetryPolicy>,
     /// Set when the route honours the `grpc-timeout` request header.
     pub grpc_timeout: Option<GrpcTimeout>,
+    /// `upgrade_configs`: (type lowercased, enabled), overriding the connection manager's.
+    pub upgrades: Vec<(String, bool)>,
+}
+
+/// A route's `upgrade_configs`. CONNECT (with `connect_config`) is not supported, as on the
+/// connection manager.
+fn route_upgrades(
+    configs: &[envoy_types::pb::envoy::config::route::v3::route_action::UpgradeConfig],
+    at: &str,
+    errs: &mut Errors,
+) -> Vec<(String, bool)> {
+    use envoy_types::pb::envoy::config::route::v3::route_action::UpgradeConfig;
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for (i, u) in configs.iter().enumerate() {
+        let UpgradeConfig {
+            upgrade_type,
+            enabled,
+            connect_config,
+        } = u;
+        let uat = index(at, i);
+        reject_set!(errs, &uat, connect_config);
+        let kind = upgrade_type.to_ascii_lowercase();
+        if kind == "connect" {
+            errs.add(join(&uat, "upgrade_type"), "CONNECT is not supported");
+        } else if kind.is_empty() {
+            errs.add(join(&uat, "upgrade_type"), "must not be empty");
+        } else if out.iter().any(|(k, _)| *k == kind) {
+            // Envoy: "Duplicate upgrade <type>".
+            errs.add(
+                join(&uat, "upgrade_type"),
+                format!("duplicate upgrade {upgrade_type}"),
+            );
+        } else {
+            out.push((kind, enabled.is_none_or(|b| b.value)));
+        }
+    }
+    out
 }
 
 /// Envoy's `max_stream_duration.grpc_timeout_header_max` / `_offset` (or the deprecated
@@ -475,7 +512,6 @@ impl RouteAction {
             rate_limits,
             include_vh_rate_limits,
             cors,
-            upgrade_configs,
             internal_redirect_policy,
             internal_redirect_action,
             max_internal_redirects,
@@ -490,6 +526,7 @@ impl RouteAction {
             at,
             errs,
         );
+        let upgrades = route_upgrades(upgrade_configs, &join(at, "upgrade_configs"), errs);
         let cluster = match cluster_specifier {
             Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Named(c.clone()),
             Some(ClusterSpecifier::Cluster(_)) => {
@@ -576,6 +613,7 @@ impl RouteAction {
         };
         Some(RouteAction {
             grpc_timeout,
+            upgrades,
             cluster,
             cluster_not_found_status,
             prefix_rewrite: (!prefix_rewrite.is_empty()).then(|| prefix_rewrite.clone()),
