@@ -78,6 +78,8 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs`: (type lowercased, e.g. `websocket`; enabled). A route's own
     /// `upgrade_configs` override these per type.
     pub upgrades: Vec<(String, bool)>,
+    /// `http2_protocol_options`: what HTTP/2 connections advertise.
+    pub h2_settings: crate::config::http2_options::H2Settings,
     /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
     pub path_normalization: crate::path_normalization::PathNormalization,
     /// `max_request_headers_kb` in bytes (Envoy counts names and values).
@@ -187,7 +189,15 @@ pub struct Listener {
     pub inspect: bool,
     /// `listener_filters_timeout`: how long to wait for a TLS ClientHello (None: forever).
     pub inspect_timeout: Option<Duration>,
+    /// `per_connection_buffer_limit_bytes`: the most a connection reads at a time, and the
+    /// longest request body a retry may replay (Envoy: 1 MiB; Pingora keeps 64 KiB at most).
+    pub buffer_limit: usize,
+    /// `max_connections_to_accept_per_socket_event` (None: all that are pending).
+    pub accepts_per_wakeup: Option<u32>,
 }
+
+/// Envoy's default `per_connection_buffer_limit_bytes`.
+pub const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
 
 /// One filter chain: what it matches, its TLS context, and its HTTP connection manager.
 #[derive(Debug)]
@@ -377,7 +387,6 @@ impl Listener {
             stats_matcher,
             fcds_config,
             use_original_dst,
-            per_connection_buffer_limit_bytes,
             deprecated_v1,
             drain_type,
             continue_on_listener_filters_timeout,
@@ -392,7 +401,6 @@ impl Listener {
             enable_reuse_port,
             access_log,
             tcp_backlog_size,
-            max_connections_to_accept_per_socket_event,
             bind_to_port,
             enable_mptcp,
             ignore_global_conn_limit,
@@ -402,6 +410,30 @@ impl Listener {
             filter_chain_matcher,
             per_connection_buffer_high_watermark_timeout,
         );
+        let buffer_limit = match per_connection_buffer_limit_bytes {
+            None => DEFAULT_BUFFER_LIMIT,
+            Some(v) if v.value > 0 => v.value as usize,
+            Some(_) => {
+                // A zero limit would stop every read.
+                errs.add(
+                    join(at, "per_connection_buffer_limit_bytes"),
+                    "must be at least 1",
+                );
+                DEFAULT_BUFFER_LIMIT
+            }
+        };
+        let accepts_per_wakeup = match max_connections_to_accept_per_socket_event {
+            None => None,
+            Some(v) if v.value > 0 => Some(v.value),
+            Some(_) => {
+                // Envoy's validation: gt 0.
+                errs.add(
+                    join(at, "max_connections_to_accept_per_socket_event"),
+                    "must be at least 1",
+                );
+                None
+            }
+        };
         let (host, port) = socket_address(address, &join(at, "address"), errs)?;
         let ip: IpAddr = match host.parse() {
             Ok(ip) => ip,
@@ -497,6 +529,8 @@ impl Listener {
             default_chain,
             inspect,
             inspect_timeout,
+            buffer_limit,
+            accepts_per_wakeup,
         })
     }
 }
@@ -859,7 +893,6 @@ fn convert_hcm(
         tracing,
         http1_safe_max_connection_duration,
         http_protocol_options,
-        http2_protocol_options,
         http3_protocol_options,
         scheme_header_transformation,
         stream_idle_timeout,
@@ -890,6 +923,12 @@ fn convert_hcm(
         forward_proto_config,
     );
     let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs).into();
+    let h2_settings = http2_protocol_options
+        .as_ref()
+        .map(|o| {
+            crate::config::http2_options::downstream(o, &join(at, "http2_protocol_options"), errs)
+        })
+        .unwrap_or_default();
     let path_normalization = crate::path_normalization::PathNormalization {
         // Envoy's default without the field is its runtime key's, false.
         normalize: normalize_path.is_some_and(|b| b.value),
@@ -1055,6 +1094,7 @@ fn convert_hcm(
     }
     Some(HttpConnectionManager {
         upgrades,
+        h2_settings,
         path_normalization,
         max_request_headers_bytes: max_request_headers_kb as usize * 1024,
         limits,

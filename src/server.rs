@@ -19,6 +19,7 @@ use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use tokio::sync::watch;
 
+use crate::config::http2_options::H2Settings;
 use crate::config::load::Parsed;
 use crate::config::{load_bootstrap_file, parse_bootstrap, ConfigErrors};
 use crate::proxy::LegateProxy;
@@ -66,6 +67,67 @@ impl ConfigSource {
 
 type App = HttpProxy<LegateProxy>;
 
+/// One worker's Pingora proxies: one per set of HTTP/2 SETTINGS the connection managers
+/// advertise (Pingora takes them per proxy, not per connection), made when first needed.
+/// Each has its own upstream pool; configs that set one `http2_protocol_options` on every
+/// listener, as control planes do, use one of them.
+struct WorkerApps {
+    conf: Arc<ServerConf>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    default: Arc<App>,
+    tuned: ArcSwap<Vec<(H2Settings, Arc<App>)>>,
+    adding: Mutex<()>,
+}
+
+impl WorkerApps {
+    fn new(conf: Arc<ServerConf>, shared: Arc<ArcSwap<Snapshot>>) -> Self {
+        let default = Arc::new(Self::app(&conf, &shared, H2Settings::default()));
+        WorkerApps {
+            conf,
+            shared,
+            default,
+            tuned: ArcSwap::from_pointee(Vec::new()),
+            adding: Mutex::new(()),
+        }
+    }
+
+    fn app(conf: &Arc<ServerConf>, shared: &Arc<ArcSwap<Snapshot>>, h2: H2Settings) -> App {
+        let mut app = pingora::proxy::http_proxy(conf, LegateProxy::new(shared.clone()));
+        // Pingora looks for the h2c preface only where the stream lets it peek (see
+        // io.rs).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+        // Pingora's bounded defaults (the header-list limit), with the SETTINGS Envoy's
+        // connection manager advertises.
+        let mut o = pingora::protocols::http::v2::server::default_h2_options();
+        o.max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_window_size(h2.initial_stream_window_size)
+            .initial_connection_window_size(h2.initial_connection_window_size);
+        app.h2_options = Some(o);
+        app
+    }
+
+    /// The proxy for connections to a connection manager with these settings.
+    fn for_settings(&self, h2: H2Settings) -> Arc<App> {
+        if h2 == H2Settings::default() {
+            return self.default.clone();
+        }
+        if let Some((_, app)) = self.tuned.load().iter().find(|(s, _)| *s == h2) {
+            return app.clone();
+        }
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = Vec::clone(&self.tuned.load());
+        if let Some((_, app)) = list.iter().find(|(s, _)| *s == h2) {
+            return app.clone();
+        }
+        let app = Arc::new(Self::app(&self.conf, &self.shared, h2));
+        list.push((h2, app.clone()));
+        self.tuned.store(Arc::new(list));
+        app
+    }
+}
+
 /// One accepting listener: dropping the stop sender ends the accept loop; the shutdown
 /// sender tells its open connections to finish their current request and close.
 struct Running {
@@ -85,7 +147,7 @@ struct ListenerManager {
     /// one shared pool a connection released on one worker and reused on another raced
     /// Pingora's idle watcher: the reuse failed ("failed to acquire reusable stream"), the
     /// connection was closed, and each cross-worker reuse woke the other worker's thread.
-    apps: Vec<Arc<App>>,
+    apps: Vec<Arc<WorkerApps>>,
     engine: Engine,
     shared: Arc<ArcSwap<Snapshot>>,
     running: Mutex<HashMap<String, Running>>,
@@ -122,15 +184,7 @@ impl ListenerManager {
         });
         let apps = workers
             .iter()
-            .map(|_| {
-                let mut app = pingora::proxy::http_proxy(&conf, LegateProxy::new(shared.clone()));
-                // Pingora looks for the h2c preface only where the stream lets it peek (see
-                // io.rs).
-                let mut options = pingora::apps::HttpServerOptions::default();
-                options.h2c = true;
-                app.server_options = Some(options);
-                Arc::new(app)
-            })
+            .map(|_| Arc::new(WorkerApps::new(conf.clone(), shared.clone())))
             .collect();
         Ok(ListenerManager {
             engine,
@@ -225,10 +279,10 @@ impl ListenerManager {
                 .iter()
                 .map(std::os::fd::AsRawFd::as_raw_fd)
                 .collect();
-            for ((w, app), listener) in self.workers.iter().zip(&self.apps).zip(sockets) {
+            for ((w, apps), listener) in self.workers.iter().zip(&self.apps).zip(sockets) {
                 w.spawn(accept_loop(
                     listener,
-                    app.clone(),
+                    apps.clone(),
                     self.shared.clone(),
                     stop_rx.clone(),
                     shutdown_rx.clone(),
@@ -358,16 +412,26 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    app: Arc<App>,
+    apps: Arc<WorkerApps>,
     shared: Arc<ArcSwap<Snapshot>>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     cx_stats: Option<Arc<crate::stats::HttpStats>>,
     engine: Engine,
 ) {
+    let local = listener.local_addr().ok();
+    // Connections accepted since the socket last had none pending.
+    let mut in_turn = 0u32;
     loop {
+        let next = std::future::poll_fn(|cx| {
+            let polled = listener.poll_accept(cx);
+            if polled.is_pending() {
+                in_turn = 0;
+            }
+            polled
+        });
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = next => {
                 let (tcp, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -377,15 +441,25 @@ async fn accept_loop(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let app = app.clone();
+                let apps = apps.clone();
                 let shutdown = shutdown.clone();
                 let active = cx_stats.clone().map(ActiveConnection::new);
                 let snapshot = shared.load_full();
+                let per_wakeup = local
+                    .and_then(|a| snapshot.listener_at(a))
+                    .and_then(|l| l.accepts_per_wakeup);
                 let native = (engine == Engine::Native).then(|| shared.clone());
                 tokio::spawn(async move {
-                    serve_connection(tcp, peer, app, shutdown, snapshot, native).await;
+                    serve_connection(tcp, peer, apps, shutdown, snapshot, native).await;
                     drop(active);
                 });
+                in_turn += 1;
+                if per_wakeup.is_some_and(|max| in_turn >= max) {
+                    // Envoy's max_connections_to_accept_per_socket_event: the rest wait
+                    // for a later turn of the worker, after the connections it has.
+                    in_turn = 0;
+                    tokio::task::yield_now().await;
+                }
             }
             _ = stop.changed() => return,
         }
@@ -485,7 +559,7 @@ async fn http2_idle(timeout: Duration, digest: &pingora::protocols::raw_connect:
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    app: Arc<App>,
+    apps: Arc<WorkerApps>,
     shutdown: watch::Receiver<bool>,
     snapshot: Arc<Snapshot>,
     native: Option<Arc<ArcSwap<Snapshot>>>,
@@ -555,6 +629,8 @@ async fn serve_connection(
                     let Ok(_slot) = connection_slot(l, chain) else {
                         return;
                     };
+                    let buffer_limit = l.buffer_limit;
+                    let app = apps.for_settings(l.chains[chain].hcm.h2_settings);
                     // Nothing below needs the listener's config again: chains the engine
                     // serves have no age limit, and an HTTP/1.1 connection no HTTP/2 idle drain.
                     drop(snapshot);
@@ -571,7 +647,7 @@ async fn serve_connection(
                     };
                     let replayed = crate::io::Replayed::new(tls, unread);
                     let stream: pingora::protocols::Stream =
-                        Box::new(Downstream::new(replayed, Some(info), false));
+                        Box::new(Downstream::new(replayed, Some(info), false, buffer_limit));
                     serve_with_pingora(&app, stream, &shutdown).await;
                     return;
                 }
@@ -583,9 +659,20 @@ async fn serve_connection(
             let hcm = l.hcm();
             let info = ConnectionInfo::needed(hcm)
                 .then(|| ConnectionInfo::new(0, None, hcm, drain.clone()));
-            (Box::new(Downstream::new(l4, info, l.hcm().h2c)), 0)
+            (
+                Box::new(Downstream::new(l4, info, l.hcm().h2c, l.buffer_limit)),
+                0,
+            )
         }
-        None => (Box::new(Downstream::new(l4, None, false)), 0),
+        None => (
+            Box::new(Downstream::new(
+                l4,
+                None,
+                false,
+                crate::listener::DEFAULT_BUFFER_LIMIT,
+            )),
+            0,
+        ),
     };
     let hcm = listener.and_then(|l| l.chains.get(chain)).map(|c| &c.hcm);
     let max_age = hcm.and_then(|h| h.limits.max_connection_duration);
@@ -605,6 +692,7 @@ async fn serve_connection(
             Err(()) => return,
         },
     };
+    let app = apps.for_settings(hcm.map_or(H2Settings::default(), |h| h.h2_settings));
     drop(snapshot);
     serve_with_pingora(&app, stream, &shutdown).await;
 }
@@ -697,7 +785,7 @@ async fn accept_inspected(
         let h2c = listener.chains[chain].hcm.h2c;
         let info = ConnectionInfo::new(chain, None, &listener.chains[chain].hcm, drain);
         return Some(Accepted::Pingora(
-            Box::new(Downstream::new(l4, Some(info), h2c)),
+            Box::new(Downstream::new(l4, Some(info), h2c, listener.buffer_limit)),
             chain,
         ));
     }
@@ -763,7 +851,12 @@ async fn accept_inspected(
         return Some(Accepted::Native(Box::new((stream, info)), chain));
     }
     Some(Accepted::Pingora(
-        Box::new(Downstream::new(stream, Some(info), false)),
+        Box::new(Downstream::new(
+            stream,
+            Some(info),
+            false,
+            listener.buffer_limit,
+        )),
         chain,
     ))
 }

@@ -178,6 +178,50 @@ fn a_retry_replays_the_chunked_body() {
     }
 }
 
+/// The listener's `per_connection_buffer_limit_bytes` (32 KiB, as Envoy Gateway sets it)
+/// bounds what is kept of a body for a retry: a longer body is sent once and the 503
+/// answered, as Envoy gives up retrying it; bodies up to the limit are retried. Envoy and
+/// legate on the same bootstrap, with content-length and chunked bodies.
+#[test]
+fn a_body_past_the_listener_buffer_limit_is_not_retried_as_in_envoy() {
+    let sizes = [1_000usize, 32_768, 32_769, 50_000];
+    let mut seen = Vec::new();
+    for envoy in [true, false] {
+        let mut outcomes = Vec::new();
+        for chunked in [false, true] {
+            for &size in &sizes {
+                let upstream = WireUpstream::scripted(|i| if i == 0 { 503 } else { 200 });
+                let port = free_port();
+                let yaml = one_route_bootstrap(
+                    port,
+                    "retry_policy: {retry_on: 5xx, num_retries: 1}",
+                    &[upstream.port()],
+                    "",
+                )
+                .replacen(
+                    "  - name: main\n",
+                    "  - name: main\n    per_connection_buffer_limit_bytes: 32768\n",
+                    1,
+                );
+                let _proxy = proxy(envoy, &yaml, port);
+                let body = pattern(size);
+                let resp = if chunked {
+                    post_chunked(port, &body, "")
+                } else {
+                    post_with_length(port, &body)
+                };
+                let reqs = upstream.requests();
+                assert!(reqs.iter().all(|r| r.body == body), "a body was altered");
+                outcomes.push((chunked, size, resp.status, reqs.len()));
+            }
+        }
+        seen.push(outcomes);
+    }
+    assert_eq!(seen[0], seen[1], "envoy, then legate");
+    assert!(seen[1].contains(&(false, 32_768, 200, 2)), "{:?}", seen[1]);
+    assert!(seen[1].contains(&(false, 32_769, 503, 1)), "{:?}", seen[1]);
+}
+
 /// A chunked body that holds a whole request is data, not a second request (the bytes of a
 /// dropped body used to be read as the next request on the connection).
 #[test]

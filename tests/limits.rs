@@ -105,6 +105,45 @@ fn connection_limit_closes_connections_over_the_limit() {
     assert_eq!(b.get("/", "x").unwrap().status, 200);
 }
 
+/// `max_connections_to_accept_per_socket_event: 1` (as Envoy Gateway sets it) spreads a
+/// burst of connections over the worker's turns; every one of them is still served.
+#[test]
+fn a_burst_of_connections_is_served_one_accept_per_turn() {
+    let up = Upstream::start("up");
+    let port = free_port();
+    let yaml = config(port, up.port(), "").replacen(
+        "  - name: main\n",
+        "  - name: main\n    max_connections_to_accept_per_socket_event: 1\n",
+        1,
+    );
+    let _l = Legate::start(&yaml, port);
+    // All connected before any is used, so that they wait in the accept queue together.
+    let mut clients: Vec<KeepAlive> = (0..64).map(|_| KeepAlive::connect(port).unwrap()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.get("/", "x").unwrap().status, 200, "connection {i}");
+    }
+    let zero = config(port, up.port(), "").replacen(
+        "  - name: main\n",
+        "  - name: main\n    max_connections_to_accept_per_socket_event: 0\n",
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zero.yaml");
+    std::fs::write(&path, zero).unwrap();
+    let out = std::process::Command::new(legate_bin())
+        .args(["--validate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(
+            "static_resources.listeners[0].max_connections_to_accept_per_socket_event: must be at least 1"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Sends `parts` with a pause before each, then reads until the server closes. Send errors
 /// after a reply are expected (the server closed), so they end the sending quietly.
 fn trickle(port: u16, parts: &[(u64, &str)]) -> String {

@@ -138,7 +138,11 @@ impl Cluster {
             stats_matcher,
             eds_cluster_config,
             connect_timeout,
-            per_connection_buffer_limit_bytes,
+            // Envoy's soft limit on an upstream connection's buffers. legate's engines
+            // read a response in chunks of at most 64 KiB, with at most four queued
+            // towards the client (Pingora's channel), whatever is set here (README:
+            // differences).
+            per_connection_buffer_limit_bytes: _,
             per_connection_buffer_high_watermark_timeout,
             lb_policy,
             load_assignment,
@@ -193,7 +197,6 @@ impl Cluster {
             transport_socket_matcher,
             alt_stat_name,
             stats_matcher,
-            per_connection_buffer_limit_bytes,
             per_connection_buffer_high_watermark_timeout,
             max_requests_per_connection,
             upstream_http_protocol_options,

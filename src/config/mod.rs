@@ -2,6 +2,7 @@
 
 pub mod duration;
 pub mod error;
+pub mod http2_options;
 pub mod http_options;
 pub mod load;
 pub mod shape;

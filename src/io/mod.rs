@@ -344,10 +344,15 @@ pub struct Downstream<T: Transport> {
     timeout_reply: Option<(Vec<u8>, usize)>,
     /// HTTP/1 request bytes are judged before Pingora reads them (None under TLS's h2).
     guard: Option<Box<guarded::Guarded>>,
+    /// The most read from the connection at a time: the listener's
+    /// `per_connection_buffer_limit_bytes`. A read is passed on before much more is read
+    /// (Pingora queues at most four reads towards the upstream), so what a connection
+    /// holds unsent stays within a few times this.
+    read_limit: usize,
 }
 
 impl<T: Transport> Downstream<T> {
-    pub fn new(stream: T, info: Option<ConnectionInfo>, h2c: bool) -> Self {
+    pub fn new(stream: T, info: Option<ConnectionInfo>, h2c: bool, read_limit: usize) -> Self {
         let ssl = info
             .as_ref()
             .and_then(|i| i.tls.as_ref())
@@ -381,6 +386,7 @@ impl<T: Transport> Downstream<T> {
             started: tokio::time::Instant::now(),
             timeout_reply: None,
             guard: (!h2).then(Default::default),
+            read_limit: read_limit.max(1),
         }
     }
 }
@@ -424,11 +430,31 @@ impl<T: Transport> AsyncRead for Downstream<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let Some(mut guard) = this.guard.take() else {
-            return this.poll_read_timed(cx, buf);
+        if buf.remaining() > this.read_limit {
+            let mut limited = buf.take(this.read_limit);
+            let r = this.poll_read_judged(cx, &mut limited);
+            let n = limited.filled().len();
+            // SAFETY: `limited` is the start of `buf`'s unfilled part, and its first `n`
+            // bytes were filled by the read.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            return r;
+        }
+        this.poll_read_judged(cx, buf)
+    }
+}
+
+impl<T: Transport> Downstream<T> {
+    fn poll_read_judged(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some(mut guard) = self.guard.take() else {
+            return self.poll_read_timed(cx, buf);
         };
-        let r = guard.poll_read(cx, buf, |cx, buf| this.poll_read_timed(cx, buf));
-        this.guard = Some(guard);
+        let r = guard.poll_read(cx, buf, |cx, buf| self.poll_read_timed(cx, buf));
+        self.guard = Some(guard);
         r
     }
 }

@@ -243,7 +243,7 @@ impl ProxyHttp for LegateProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let replayable = !session.as_ref().retry_buffer_truncated();
+        let replayable = body_replayable(session, ctx);
         let retry = connect_failed(ctx, e.etype(), replayable);
         e.set_retry(retry);
         e
@@ -269,7 +269,7 @@ impl ProxyHttp for LegateProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let replayable = !session.as_ref().retry_buffer_truncated();
+        let replayable = body_replayable(session, ctx);
         upstream_response_received(ctx, upstream_response, replayable)
     }
 
@@ -295,7 +295,7 @@ impl ProxyHttp for LegateProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let e = e.more_context(format!("peer: {peer}"));
-        let replayable = !session.as_ref().retry_buffer_truncated();
+        let replayable = body_replayable(session, ctx);
         proxy_error(ctx, e, replayable, client_reused)
     }
 
@@ -1184,6 +1184,17 @@ fn underscores_refused(
         req.remove_header(&k);
     }
     false
+}
+
+/// Whether the request body can be sent again: Pingora kept all of it, and it did not
+/// outgrow the listener's `per_connection_buffer_limit_bytes` (past which Envoy gives up
+/// retrying a request).
+fn body_replayable(session: &Session, ctx: &RequestCtx) -> bool {
+    let limit = ctx
+        .listener
+        .as_ref()
+        .map_or(crate::listener::DEFAULT_BUFFER_LIMIT, |l| l.buffer_limit);
+    !session.as_ref().retry_buffer_truncated() && session.as_ref().body_bytes_read() <= limit
 }
 
 /// Whether an upgrade may go through: the connection manager's `upgrade_configs`, then the

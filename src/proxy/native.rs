@@ -106,6 +106,12 @@ pub(crate) async fn serve<S: ClientStream>(
         idle: Deadline::new(),
         upstream_read: Deadline::new(),
     };
+    // A larger body goes to Pingora, which streams it: a body the engine takes is held
+    // whole, and may not outgrow the listener's buffer limit (nor replay past it).
+    let max_body = shared
+        .load()
+        .listener_at(local)
+        .map_or(MAX_BODY, |l| MAX_BODY.min(l.buffer_limit as u64));
     // Between requests: None before the first; then the keep-alive limit, if any.
     let mut idle: Option<Option<Duration>> = None;
     // Shutting down while waiting for the connection's first request.
@@ -117,7 +123,7 @@ pub(crate) async fn serve<S: ClientStream>(
         let mut continued = false;
         let head = loop {
             if !conn.input.is_empty() {
-                match parse_request(&conn.input, &mut conn.fields) {
+                match parse_request(&conn.input, &mut conn.fields, max_body) {
                     Parsed::Complete(head) if conn.input.len() >= head.len + head.body => {
                         break head
                     }
@@ -468,7 +474,7 @@ fn leaves_engine(name: &HeaderName, value: &[u8]) -> bool {
         || name.as_str() == "http2-settings"
 }
 
-fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
+fn parse_request(buf: &[u8], fields: &mut Vec<Field>, max_body: u64) -> Parsed {
     fields.clear();
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -493,7 +499,7 @@ fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             body: BodyFraming::Length(n),
             tunnel: false,
             absolute: false,
-        }) if n <= MAX_BODY => n,
+        }) if n <= max_body => n,
         _ => return Parsed::Elsewhere,
     };
     // Origin-form targets only; CONNECT and `*` go to Pingora (as absolute-form did above).
@@ -1186,7 +1192,7 @@ mod tests {
     use super::*;
 
     fn head(raw: &str) -> Parsed {
-        parse_request(raw.as_bytes(), &mut Vec::new())
+        parse_request(raw.as_bytes(), &mut Vec::new(), MAX_BODY)
     }
 
     #[test]
@@ -1232,7 +1238,7 @@ mod tests {
     /// What `serve` does with a complete head: the header, built over the head's bytes.
     fn built(raw: &str) -> RequestHeader {
         let mut fields = Vec::new();
-        let Parsed::Complete(head) = parse_request(raw.as_bytes(), &mut fields) else {
+        let Parsed::Complete(head) = parse_request(raw.as_bytes(), &mut fields, MAX_BODY) else {
             panic!("not taken: {raw:?}");
         };
         let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..head.len]);
