@@ -59,12 +59,14 @@ impl ServerTls {
         reject_set!(
             errs,
             &at,
-            disable_stateful_session_resumption,
             session_timeout,
             full_scan_certs_on_sni_mismatch,
             prefer_client_ciphers,
-            session_ticket_keys_type,
         );
+        let resumption = Resumption {
+            stateful: !disable_stateful_session_resumption,
+            stateless: stateless_resumption(session_ticket_keys_type, &at, errs),
+        };
         // Only a client certificate requirement needs validation support (mTLS: not yet).
         if require_client_certificate.is_some_and(|b| b.value) {
             errs.add(
@@ -88,16 +90,67 @@ impl ServerTls {
             );
             return None;
         };
-        let config = server_config(
+        let mut config = server_config(
             common,
             &join(&at, "common_tls_context"),
             require_sni,
             rds,
             errs,
         )?;
+        resumption.apply(&mut config, &at, errs);
         Some(ServerTls {
             config: Arc::new(config),
         })
+    }
+}
+
+/// Session resumption as Envoy (BoringSSL) offers it: a session cache for TLS 1.2
+/// (`disable_stateful_session_resumption`) and session tickets for TLS 1.2 and 1.3 (on
+/// unless `disable_stateless_session_resumption`), with keys made for the context.
+struct Resumption {
+    stateful: bool,
+    stateless: bool,
+}
+
+impl Resumption {
+    fn apply(&self, config: &mut ServerConfig, at: &str, errs: &mut Errors) {
+        if !self.stateful {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        }
+        if self.stateless {
+            match provider::Ticketer::new() {
+                Ok(t) => config.ticketer = t,
+                Err(e) => errs.add(at, format!("cannot make session ticket keys: {e}")),
+            }
+        } else {
+            // rustls would resume TLS 1.3 from its session cache; BoringSSL resumes TLS 1.3
+            // by tickets only, so without them Envoy does not resume it at all.
+            config.send_tls13_tickets = 0;
+        }
+    }
+}
+
+fn stateless_resumption(
+    keys: &Option<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::downstream_tls_context::SessionTicketKeysType>,
+    at: &str,
+    errs: &mut Errors,
+) -> bool {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::downstream_tls_context::SessionTicketKeysType as Keys;
+    match keys {
+        None => true,
+        Some(Keys::DisableStatelessSessionResumption(off)) => !off,
+        // rustls makes and rotates its own ticket keys; it cannot take given ones.
+        Some(Keys::SessionTicketKeys(_)) => {
+            errs.add(join(at, "session_ticket_keys"), "not supported");
+            true
+        }
+        Some(Keys::SessionTicketKeysSdsSecretConfig(_)) => {
+            errs.add(
+                join(at, "session_ticket_keys_sds_secret_config"),
+                "not supported",
+            );
+            true
+        }
     }
 }
 

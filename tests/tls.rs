@@ -547,3 +547,57 @@ fn https_on_http1_runs_on_the_native_engine_and_hands_over_mid_stream() {
     assert!(raw_text("native").contains("\r\nx-case: Mixed\r\n"));
     assert!(raw_text("pingora").contains("\r\nX-Case: Mixed\r\n"));
 }
+
+/// Whether a second connection resumes the first's session, per TLS version, as an
+/// OpenSSL client sees it (tests/tls/resume.py).
+fn resumes(port: u16) -> (String, String) {
+    let run = |version: &str| {
+        let out = std::process::Command::new("python3")
+            .arg(repo_path("tests/tls/resume.py"))
+            .arg(port.to_string())
+            .arg(version)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    (run("1.2"), run("1.3"))
+}
+
+/// Session resumption under Envoy Gateway's settings (both kinds off) and the others:
+/// TLS 1.2 by session cache or ticket, TLS 1.3 by ticket only, as Envoy 1.40 resumes them.
+#[test]
+fn session_resumption_follows_the_context_as_in_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_cert(dir.path(), "a", &cert(&["localhost"]));
+    for settings in [
+        "",
+        "disable_stateful_session_resumption: true",
+        "disable_stateless_session_resumption: true",
+        "disable_stateful_session_resumption: true\n          disable_stateless_session_resumption: true",
+    ] {
+        let mut seen = Vec::new();
+        for envoy in [true, false] {
+            let port = free_port();
+            let socket = tls_socket(&files, "http/1.1").replace(
+                "          common_tls_context:\n",
+                &format!("          {settings}\n          common_tls_context:\n"),
+            );
+            let yaml = format!(
+                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
+                hcm("tls", &direct("ok"))
+            );
+            let _p: Box<dyn std::any::Any> = if envoy {
+                Box::new(Envoy::start(&yaml, port))
+            } else {
+                Box::new(Legate::start(&yaml, port))
+            };
+            seen.push(resumes(port));
+        }
+        assert_eq!(seen[0], seen[1], "{settings:?}: envoy, then legate");
+    }
+}

@@ -896,10 +896,18 @@ impl Route {
             action,
         } = r;
         // `metadata` is opaque to the router; Envoy itself ignores what no filter reads.
+        // A decorator names the route's tracing span and, with tracing, travels in
+        // `x-envoy-decorator-operation`; Envoy applies it only when the connection manager
+        // traces, which legate's do not (`tracing` is refused there), so it changes nothing
+        // in either. Checked as Envoy checks it.
+        if let Some(d) = decorator {
+            if d.operation.is_empty() {
+                errs.add(join(at, "decorator.operation"), "must not be empty");
+            }
+        }
         reject_set!(
             errs,
             at,
-            decorator,
             tracing,
             per_request_buffer_limit_bytes,
             stat_prefix,
@@ -1116,6 +1124,23 @@ mod tests {
         };
         let picks: Vec<_> = (0..4).map(|i| w.pick(i).name.as_str()).collect();
         assert_eq!(picks, ["a", "b", "b", "b"]);
+    }
+
+    #[test]
+    fn a_decorator_is_checked_as_envoy_checks_it() {
+        route("match: {prefix: /}\ndecorator: {operation: checkout, propagate: false}\ndirect_response: {status: 200}");
+        let proto: RouteProto = parse_message(
+            "match: {prefix: /}\ndecorator: {propagate: true}\ndirect_response: {status: 200}",
+            "envoy.config.route.v3.Route",
+        )
+        .unwrap();
+        let mut errs = Errors::default();
+        Route::convert(&proto, "r", 4096, &mut errs);
+        let e = errs.into_result(()).unwrap_err();
+        assert_eq!(
+            e.0[0].to_string(),
+            "r.decorator.operation: must not be empty"
+        );
     }
 
     #[test]
