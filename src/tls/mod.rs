@@ -22,6 +22,8 @@ use crate::config::load::unpack_or_report;
 use crate::reject_set;
 use crate::route::entry::read_data_source;
 
+mod select;
+
 pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 const DOWNSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 
@@ -167,7 +169,7 @@ fn server_config(
         alpn_protocols,
         validation_context_type,
     } = common_parts(c, at, errs);
-    let sds = sds_certificate(&c.tls_certificate_sds_secret_configs, at, rds, errs);
+    let sds = sds_certificates(&c.tls_certificate_sds_secret_configs, at, rds, errs);
     if sds.is_none() && !c.tls_certificate_sds_secret_configs.is_empty() {
         return None;
     }
@@ -198,7 +200,7 @@ fn server_config(
             provider::DEFAULT_KX_GROUPS.to_vec(),
         ),
     };
-    let (chain, key) = match tls_certificates {
+    let pairs: Vec<Pair> = match tls_certificates {
         _ if sds.is_some() && !tls_certificates.is_empty() => {
             errs.add(
                 join(at, "tls_certificates"),
@@ -206,47 +208,55 @@ fn server_config(
             );
             return None;
         }
-        [] if sds.is_some() => sds?,
-        [one] => certificate(one, &index(&join(at, "tls_certificates"), 0), errs)?,
-        [] => {
-            errs.add(
-                join(at, "tls_certificates"),
-                "one certificate (or an SDS secret) is required",
-            );
-            return None;
-        }
-        _ => {
-            errs.add(
-                join(at, "tls_certificates"),
-                "only one certificate per context is supported",
-            );
-            return None;
-        }
+        [] => match sds {
+            Some(pairs) => pairs,
+            None => {
+                errs.add(
+                    join(at, "tls_certificates"),
+                    "a certificate (or an SDS secret) is required",
+                );
+                return None;
+            }
+        },
+        list => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let cat = index(&join(at, "tls_certificates"), i);
+                certificate(c, &cat, errs).map(|(chain, key)| (chain, key, cat))
+            })
+            .collect(),
     };
-    let provider = CryptoProvider {
+    let provider = Arc::new(CryptoProvider {
         cipher_suites: suites,
         kx_groups: groups,
         ..provider::default_provider()
-    };
-    let builder = match ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&versions)
-    {
-        Ok(b) => b,
-        Err(e) => {
-            errs.add(join(at, "tls_params"), format!("{e}"));
-            return None;
-        }
-    };
-    let mut config = match builder.with_no_client_auth().with_single_cert(chain, key) {
-        Ok(c) => c,
-        Err(e) => {
-            errs.add(
-                index(&join(at, "tls_certificates"), 0),
+    });
+    let suites = provider.cipher_suites.clone();
+    let mut candidates = Vec::new();
+    for (chain, key, cat) in pairs {
+        match select::Candidate::new(chain, key, &provider) {
+            Ok(c) => candidates.push(c),
+            Err(e) => errs.add(
+                cat,
                 format!("certificate and key do not form a usable pair: {e}"),
-            );
-            return None;
+            ),
         }
-    };
+    }
+    if candidates.is_empty() {
+        return None;
+    }
+    let builder =
+        match ServerConfig::builder_with_provider(provider).with_protocol_versions(&versions) {
+            Ok(b) => b,
+            Err(e) => {
+                errs.add(join(at, "tls_params"), format!("{e}"));
+                return None;
+            }
+        };
+    let mut config = builder.with_no_client_auth().with_cert_resolver(Arc::new(
+        select::CertificateSelector::new(candidates, &suites),
+    ));
     config.alpn_protocols = alpn_protocols
         .iter()
         .map(|p| p.as_bytes().to_vec())
@@ -298,54 +308,66 @@ fn common_parts<'a>(c: &'a CommonTlsContext, at: &str, errs: &mut Errors) -> Com
     }
 }
 
-/// The certificate an `SdsSecretConfig` names, from the secrets delivered over ADS. None
-/// without an entry; None with `rds.missing` set while the secret has not arrived.
-fn sds_certificate(
+/// A certificate chain and key, with the field path they came from.
+type Pair = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String);
+
+/// The certificates the `SdsSecretConfig`s name, from the secrets delivered over ADS. None
+/// without an entry, or with `rds.missing` set while a secret has not arrived.
+fn sds_certificates(
     configs: &[envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig],
     at: &str,
     rds: &mut crate::listener::Rds<'_>,
     errs: &mut Errors,
-) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+) -> Option<Vec<Pair>> {
     use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         secret::Type, SdsSecretConfig,
     };
+    if configs.is_empty() {
+        return None;
+    }
     let list_at = join(at, "tls_certificate_sds_secret_configs");
-    let config = match configs {
-        [] => return None,
-        [one] => one,
-        _ => {
-            errs.add(list_at, "only one certificate per context is supported");
-            return None;
+    let mut pairs = Vec::new();
+    let mut complete = true;
+    for (i, config) in configs.iter().enumerate() {
+        let at = index(&list_at, i);
+        let SdsSecretConfig { name, sds_config } = config;
+        let over_ads = sds_config
+            .as_ref()
+            .and_then(|c| c.config_source_specifier.as_ref())
+            .is_some_and(|s| matches!(s, ConfigSourceSpecifier::Ads(_)));
+        if !over_ads {
+            errs.add(join(&at, "sds_config"), "only ads: {} is supported");
+            complete = false;
+            continue;
         }
-    };
-    let at = index(&list_at, 0);
-    let SdsSecretConfig { name, sds_config } = config;
-    let over_ads = sds_config
-        .as_ref()
-        .and_then(|c| c.config_source_specifier.as_ref())
-        .is_some_and(|s| matches!(s, ConfigSourceSpecifier::Ads(_)));
-    if !over_ads {
-        errs.add(join(&at, "sds_config"), "only ads: {} is supported");
-        return None;
-    }
-    if name.is_empty() {
-        errs.add(join(&at, "name"), "must not be empty");
-        return None;
-    }
-    rds.secret_names.push(name.clone());
-    let Some(secret) = (rds.secrets)(name) else {
-        rds.missing = true;
-        return None;
-    };
-    let sat = format!("sds[{name}]");
-    match &secret.r#type {
-        Some(Type::TlsCertificate(c)) => certificate(c, &join(&sat, "tls_certificate"), errs),
-        _ => {
-            errs.add(sat, "must be a tls_certificate secret");
-            None
+        if name.is_empty() {
+            errs.add(join(&at, "name"), "must not be empty");
+            complete = false;
+            continue;
+        }
+        rds.secret_names.push(name.clone());
+        let Some(secret) = (rds.secrets)(name) else {
+            rds.missing = true;
+            complete = false;
+            continue;
+        };
+        let sat = format!("sds[{name}]");
+        match &secret.r#type {
+            Some(Type::TlsCertificate(c)) => {
+                let cat = join(&sat, "tls_certificate");
+                match certificate(c, &cat, errs) {
+                    Some((chain, key)) => pairs.push((chain, key, cat)),
+                    None => complete = false,
+                }
+            }
+            _ => {
+                errs.add(sat, "must be a tls_certificate secret");
+                complete = false;
+            }
         }
     }
+    complete.then_some(pairs)
 }
 
 /// `require_sni`: refuse handshakes without a server name.
