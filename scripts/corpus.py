@@ -166,7 +166,13 @@ def gateway_bootstraps(root):
     render = os.path.join(root, "internal/xds/bootstrap/testdata/render")
     for f in sorted(os.listdir(render)) if os.path.isdir(render) else []:
         if f.endswith(".yaml"):
-            yield f"gateway/bootstrap/{f[:-5]}", read_yaml(os.path.join(render, f))
+            boot = read_yaml(os.path.join(render, f))
+            # Envoy Gateway names the node on Envoy's command line (--service-node).
+            node = boot.setdefault("node", {}) or {}
+            node.setdefault("id", "corpus")
+            node.setdefault("cluster", "corpus")
+            boot["node"] = node
+            yield f"gateway/bootstrap/{f[:-5]}", boot
 
 
 def example_bootstraps(root):

@@ -88,6 +88,32 @@ impl Snapshot {
     }
 }
 
+/// `cluster_manager`: the local cluster's name (checked against the static clusters
+/// below). Envoy uses it for zone-aware balancing, which legate refuses, so it has no other
+/// effect in either.
+fn convert_cluster_manager(
+    c: &envoy_types::pb::envoy::config::bootstrap::v3::ClusterManager,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<String> {
+    let envoy_types::pb::envoy::config::bootstrap::v3::ClusterManager {
+        local_cluster_name,
+        outlier_detection,
+        upstream_bind_config,
+        load_stats_config,
+        enable_deferred_cluster_creation,
+    } = c;
+    reject_set!(
+        errs,
+        at,
+        outlier_detection,
+        upstream_bind_config,
+        load_stats_config,
+        enable_deferred_cluster_creation,
+    );
+    (!local_cluster_name.is_empty()).then(|| local_cluster_name.clone())
+}
+
 /// Validates a bootstrap and builds the runtime tables, reporting every error found.
 pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
     compile_with(bootstrap, Arc::new(Dynamic::default()))
@@ -144,7 +170,6 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         errs,
         "",
         node_context_params,
-        cluster_manager,
         hds_config,
         flags_path,
         stats_sinks,
@@ -181,6 +206,9 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         default_config_source,
         default_regex_engine,
     );
+    let local_cluster = cluster_manager
+        .as_ref()
+        .and_then(|c| convert_cluster_manager(c, "cluster_manager", &mut errs));
     let xds = dynamic_resources
         .as_ref()
         .and_then(|d| XdsConfig::convert(d, "dynamic_resources", &mut errs));
@@ -217,6 +245,18 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
                 l,
                 format!("listener_{i}"),
             ));
+        }
+    }
+    if let Some(local) = &local_cluster {
+        let defined = static_resources
+            .as_ref()
+            .is_some_and(|sr| sr.clusters.iter().any(|c| c.name == *local));
+        if !defined {
+            // As Envoy: the local cluster must be a static one.
+            errs.add(
+                "cluster_manager.local_cluster_name",
+                format!("local cluster '{local}' must be defined in static_resources.clusters"),
+            );
         }
     }
     for (name, c) in &dynamic.clusters {

@@ -179,3 +179,23 @@ static_resources:
         text(&v2)
     );
 }
+
+#[test]
+fn the_local_cluster_must_be_a_static_cluster_as_in_envoy() {
+    let yaml = |name: &str| {
+        format!(
+            "cluster_manager: {{local_cluster_name: {name}}}\nstatic_resources:\n  clusters:\n  - name: local_app\n    load_assignment:\n      cluster_name: local_app\n      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8080}}}}}}}}]}}]\n"
+        )
+    };
+    both_accept("local cluster defined", &yaml("local_app"));
+    let missing = yaml("elsewhere");
+    assert!(!validate_envoy(&missing).status.success());
+    let out = validate_legate(&missing);
+    assert!(
+        text(&out).contains(
+            "cluster_manager.local_cluster_name: local cluster 'elsewhere' must be defined"
+        ),
+        "{}",
+        text(&out)
+    );
+}

@@ -576,3 +576,153 @@ fn listener_certificates_arrive_over_sds_and_rotate() {
         .count();
     assert!(acks >= 1, "the second secret version is ACKed");
 }
+
+/// A message of the pool from YAML, encoded as a management server sends it.
+fn encoded<M: Message + Default>(yaml: &str, full_name: &str) -> Vec<u8> {
+    legate::config::load::parse_message::<M>(yaml, full_name)
+        .unwrap()
+        .encode_to_vec()
+}
+
+/// Resources in the shape Envoy Gateway's xDS translator writes for an HTTPRoute (camelCase
+/// JSON names, the fields it sets on every listener, cluster and route): each is ACKed and
+/// the route serves, with the listener's path normalisation applied.
+#[test]
+fn resources_shaped_as_envoy_gateway_writes_them_are_acked_and_served() {
+    let a = Upstream::start("a");
+    let server = Server::start();
+    let admin_port = free_port();
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
+    eventually(10, "LDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == LISTENER)
+    });
+    let acked = |type_url: &str, version: &str| {
+        server.requests().iter().any(|r| {
+            r.type_url == type_url
+                && r.version_info == version
+                && r.response_nonce == format!("nonce-{version}")
+                && r.error_detail.is_none()
+        })
+    };
+    let cluster_yaml = r#"
+name: httproute/default/backend/rule/0
+type: EDS
+connectTimeout: 10s
+commonLbConfig: {}
+dnsLookupFamily: V4_PREFERRED
+circuitBreakers: {thresholds: [{maxRetries: 1024}]}
+edsClusterConfig:
+  edsConfig: {ads: {}, resourceApiVersion: V3}
+  serviceName: httproute/default/backend/rule/0
+ignoreHealthOnHostRemoval: true
+perConnectionBufferLimitBytes: 32768
+loadBalancingPolicy:
+  policies:
+  - typedExtensionConfig:
+      name: envoy.load_balancing_policies.least_request
+      typedConfig:
+        '@type': type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+        localityLbConfig: {localityWeightedLbConfig: {}}
+"#;
+    server.push(
+        CLUSTER,
+        "c1",
+        vec![encoded::<
+            envoy_types::pb::envoy::config::cluster::v3::Cluster,
+        >(cluster_yaml, "envoy.config.cluster.v3.Cluster")],
+    );
+    eventually(10, "cluster ACKed", || acked(CLUSTER, "c1"));
+    let cla = format!(
+        "clusterName: httproute/default/backend/rule/0\nendpoints:\n- loadBalancingWeight: 1\n  locality: {{region: httproute/default/backend/rule/0/backend/0}}\n  lbEndpoints:\n  - endpoint: {{address: {{socketAddress: {{address: 127.0.0.1, portValue: {}}}}}}}\n    loadBalancingWeight: 1\n",
+        a.port()
+    );
+    server.push(
+        CLA,
+        "e1",
+        vec![encoded::<
+            envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+        >(
+            &cla, "envoy.config.endpoint.v3.ClusterLoadAssignment"
+        )],
+    );
+    let port = free_port();
+    let listener_yaml = format!(
+        r#"
+name: default/eg/http
+address: {{socketAddress: {{address: 127.0.0.1, portValue: {port}}}}}
+maxConnectionsToAcceptPerSocketEvent: 1
+perConnectionBufferLimitBytes: 32768
+defaultFilterChain:
+  name: default/eg/http
+  filters:
+  - name: envoy.filters.network.http_connection_manager
+    typedConfig:
+      '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      commonHttpProtocolOptions: {{headersWithUnderscoresAction: REJECT_REQUEST}}
+      http2ProtocolOptions: {{initialConnectionWindowSize: 1048576, initialStreamWindowSize: 65536, maxConcurrentStreams: 100}}
+      httpFilters:
+      - name: envoy.filters.http.router
+        typedConfig: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppressEnvoyHeaders: true}}
+      mergeSlashes: true
+      normalizePath: true
+      pathWithEscapedSlashesAction: UNESCAPE_AND_REDIRECT
+      rds:
+        configSource: {{ads: {{}}, initialFetchTimeout: 0s, resourceApiVersion: V3}}
+        routeConfigName: default/eg/http
+      serverHeaderTransformation: PASS_THROUGH
+      statPrefix: http-10080
+      useRemoteAddress: true
+"#
+    );
+    server.push(
+        LISTENER,
+        "l1",
+        vec![encoded::<
+            envoy_types::pb::envoy::config::listener::v3::Listener,
+        >(
+            &listener_yaml, "envoy.config.listener.v3.Listener"
+        )],
+    );
+    let routes_yaml = r#"
+name: default/eg/http
+ignorePortInHostMatching: true
+virtualHosts:
+- name: default/eg/http/www_example_com
+  domains: ['*']
+  routes:
+  - name: httproute/default/backend/rule/0/match/0/www_example_com
+    match: {prefix: /app}
+    route:
+      cluster: httproute/default/backend/rule/0
+      upgradeConfigs: [{upgradeType: websocket}]
+    decorator: {operation: backend}
+"#;
+    server.push(
+        ROUTES,
+        "r1",
+        vec![encoded::<
+            envoy_types::pb::envoy::config::route::v3::RouteConfiguration,
+        >(
+            routes_yaml, "envoy.config.route.v3.RouteConfiguration"
+        )],
+    );
+    eventually(10, "every resource ACKed", || {
+        acked(CLA, "e1") && acked(LISTENER, "l1") && acked(ROUTES, "r1")
+    });
+    eventually(10, "the listener serves", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let r = get(port, "/static/..//app/x", "w");
+    assert_eq!(r.upstream(), Some("a"));
+    assert_eq!(
+        a.last().path,
+        "/app/x",
+        "normalised before routing and forwarding"
+    );
+}

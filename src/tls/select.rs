@@ -162,9 +162,7 @@ impl CertificateSelector {
             let sni = sni.to_ascii_lowercase();
             let naming = |name: &str| {
                 let name = name.to_string();
-                self.certs
-                    .iter()
-                    .filter(move |c| c.names.contains(&name))
+                self.certs.iter().filter(move |c| c.names.contains(&name))
             };
             let mut selected = pick(&mut naming(&sni), &mut candidate);
             if selected.is_none() && candidate.is_none() {
