@@ -61,6 +61,8 @@ pub struct Rds<'a> {
     pub timeouts: std::collections::HashMap<String, Option<Duration>>,
     /// TLS secrets delivered over SDS (on the ADS stream).
     pub secrets: &'a dyn Fn(&str) -> Option<crate::tls::Secret>,
+    /// `static_resources.secrets`, for an `SdsSecretConfig` without `sds_config`.
+    pub static_secrets: &'a std::collections::HashMap<String, crate::tls::Secret>,
     /// Every SDS secret name seen (to subscribe to).
     pub secret_names: Vec<String>,
 }

@@ -114,6 +114,47 @@ fn convert_cluster_manager(
     (!local_cluster_name.is_empty()).then(|| local_cluster_name.clone())
 }
 
+/// `static_resources.secrets` by name: the certificates an `SdsSecretConfig` without an
+/// `sds_config` names.
+fn convert_static_secrets(
+    secrets: &[crate::tls::Secret],
+    errs: &mut Errors,
+) -> HashMap<String, crate::tls::Secret> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    let mut out = HashMap::new();
+    for (i, secret) in secrets.iter().enumerate() {
+        let at = index("static_resources.secrets", i);
+        if secret.name.is_empty() {
+            errs.add(join(&at, "name"), "must not be empty");
+            continue;
+        }
+        match &secret.r#type {
+            Some(Type::TlsCertificate(_)) => {}
+            Some(Type::ValidationContext(_)) => {
+                errs.add(
+                    join(&at, "validation_context"),
+                    "not supported (client certificate validation is not there yet)",
+                );
+            }
+            Some(Type::SessionTicketKeys(_)) => {
+                errs.add(join(&at, "session_ticket_keys"), "not supported");
+            }
+            Some(Type::GenericSecret(_)) => {
+                errs.add(join(&at, "generic_secret"), "not supported");
+            }
+            None => errs.add(&at, "a secret type is required"),
+        }
+        if out.insert(secret.name.clone(), secret.clone()).is_some() {
+            // As Envoy: "Duplicate static TlsCertificate secret name".
+            errs.add(
+                join(&at, "name"),
+                format!("duplicate secret name '{}'", secret.name),
+            );
+        }
+    }
+    out
+}
+
 /// Validates a bootstrap and builds the runtime tables, reporting every error found.
 pub fn compile(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
     compile_with(bootstrap, Arc::new(Dynamic::default()))
@@ -220,13 +261,14 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
     let mut listener_index = HashMap::new();
     let mut pending: Vec<(String, &ListenerProto, String)> = Vec::new();
     let mut clusters = foldhash::HashMap::default();
+    let mut static_secrets = HashMap::new();
     if let Some(sr) = static_resources {
         let StaticResources {
             listeners: listener_protos,
             clusters: cluster_protos,
             secrets,
         } = sr;
-        reject_set!(errs, "static_resources", secrets);
+        static_secrets = convert_static_secrets(secrets, &mut errs);
         for (i, c) in cluster_protos.iter().enumerate() {
             let at = index("static_resources.clusters", i);
             if let Some(cluster) = Cluster::convert_with_eds(c, &at, &eds, &mut errs) {
@@ -297,6 +339,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         missing: false,
         timeouts: HashMap::new(),
         secrets: &secret_lookup,
+        static_secrets: &static_secrets,
         secret_names: Vec::new(),
     };
     let mut warming = Vec::new();

@@ -774,3 +774,54 @@ fn certificates_are_chosen_per_client_as_envoy_chooses_them() {
         );
     }
 }
+
+/// A certificate from `static_resources.secrets`, named by an `SdsSecretConfig` without a
+/// config source: served by Envoy and legate alike; a name with no such secret is refused
+/// by both.
+#[test]
+fn static_secrets_serve_certificates_named_by_sds_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cert(&["localhost"]);
+    let (crt, key) = write_cert(dir.path(), "s", &c);
+    let hex: String = c.der.iter().map(|b| format!("{b:02x}")).collect();
+    let config = |port: u16, name: &str| {
+        let socket = format!(
+            "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificate_sds_secret_configs: [{{name: {name}}}]\n"
+        );
+        format!(
+            "static_resources:\n  secrets:\n  - name: server-cert\n    tls_certificate: {{certificate_chain: {{filename: {crt}}}, private_key: {{filename: {key}}}}}\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
+            hcm("tls", &direct("ok"))
+        )
+    };
+    for envoy in [true, false] {
+        let port = free_port();
+        let yaml = config(port, "server-cert");
+        let _p: Box<dyn std::any::Any> = if envoy {
+            Box::new(Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        let got = served(port, &[("1.3", "localhost", "")]);
+        assert_eq!(got, std::slice::from_ref(&hex), "envoy: {envoy}");
+    }
+    let path = dir.path().join("missing.yaml");
+    std::fs::write(&path, config(1, "no-such-secret")).unwrap();
+    let envoy = std::process::Command::new("envoy")
+        .args(["--mode", "validate", "--log-level", "critical", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!envoy.status.success());
+    let legate = std::process::Command::new(legate_bin())
+        .args(["--validate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&legate.stdout);
+    assert!(
+        text.contains(
+            "tls_certificate_sds_secret_configs[0].name: no static secret named 'no-such-secret'"
+        ),
+        "{text}"
+    );
+}

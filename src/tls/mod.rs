@@ -332,27 +332,42 @@ fn sds_certificates(
     for (i, config) in configs.iter().enumerate() {
         let at = index(&list_at, i);
         let SdsSecretConfig { name, sds_config } = config;
-        let over_ads = sds_config
-            .as_ref()
-            .and_then(|c| c.config_source_specifier.as_ref())
-            .is_some_and(|s| matches!(s, ConfigSourceSpecifier::Ads(_)));
-        if !over_ads {
-            errs.add(join(&at, "sds_config"), "only ads: {} is supported");
-            complete = false;
-            continue;
-        }
         if name.is_empty() {
             errs.add(join(&at, "name"), "must not be empty");
             complete = false;
             continue;
         }
-        rds.secret_names.push(name.clone());
-        let Some(secret) = (rds.secrets)(name) else {
-            rds.missing = true;
-            complete = false;
-            continue;
+        let (secret, sat) = match sds_config {
+            // No config source: a secret of static_resources, as in Envoy.
+            None => match rds.static_secrets.get(name) {
+                Some(s) => (s.clone(), format!("static_resources.secrets[{name}]")),
+                None => {
+                    errs.add(
+                        join(&at, "name"),
+                        format!("no static secret named '{name}' (static_resources.secrets)"),
+                    );
+                    complete = false;
+                    continue;
+                }
+            },
+            Some(c) => {
+                if !matches!(
+                    c.config_source_specifier,
+                    Some(ConfigSourceSpecifier::Ads(_))
+                ) {
+                    errs.add(join(&at, "sds_config"), "only ads: {} is supported");
+                    complete = false;
+                    continue;
+                }
+                rds.secret_names.push(name.clone());
+                let Some(secret) = (rds.secrets)(name) else {
+                    rds.missing = true;
+                    complete = false;
+                    continue;
+                };
+                (secret, format!("sds[{name}]"))
+            }
         };
-        let sat = format!("sds[{name}]");
         match &secret.r#type {
             Some(Type::TlsCertificate(c)) => {
                 let cat = join(&sat, "tls_certificate");
