@@ -928,7 +928,7 @@ fn convert_hcm(
     let h2_settings = http2_protocol_options
         .as_ref()
         .map(|o| {
-            crate::config::http2_options::downstream(o, &join(at, "http2_protocol_options"), errs)
+            crate::config::http2_options::convert(o, &join(at, "http2_protocol_options"), errs)
         })
         .unwrap_or_default();
     let path_normalization = crate::path_normalization::PathNormalization {

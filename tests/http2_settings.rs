@@ -132,3 +132,82 @@ fn settings_out_of_envoys_bounds_are_refused_with_their_path() {
         "{text}"
     );
 }
+
+/// What an HTTP/2 client opened a connection with: (INITIAL_WINDOW_SIZE it advertised,
+/// its connection window after its WINDOW_UPDATEs), read by a raw upstream up to the
+/// client's first HEADERS frame. The upstream then closes: the request fails, which does
+/// not matter here.
+fn client_opening(listener: &std::net::TcpListener) -> (Option<u32>, u64) {
+    let (mut s, _) = listener.accept().expect("the proxy connects");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).expect("client preface");
+    // The server's own SETTINGS, empty, so the client goes on.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    let mut window = None;
+    let mut connection_window = 65_535u64;
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).expect("a frame before the request");
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).expect("frame payload");
+        match kind {
+            4 if flags & 1 == 0 => {
+                for p in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([p[0], p[1]]) == 4 {
+                        window = Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+                    }
+                }
+                s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).unwrap(); // ACK
+            }
+            8 if stream == 0 => {
+                let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                connection_window += u64::from(inc & 0x7fff_ffff);
+            }
+            1 => return (window, connection_window),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn upstream_connections_open_with_the_windows_envoy_opens_them_with() {
+    for h2 in [
+        // Envoy Gateway's cluster settings.
+        "{initial_stream_window_size: 65536, initial_connection_window_size: 1048576}",
+        // Envoy's defaults.
+        "{}",
+    ] {
+        let mut seen = Vec::new();
+        for envoy in [true, false] {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up = upstream.local_addr().unwrap().port();
+            let port = free_port();
+            let cluster_extra = format!(
+                "typed_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config: {{http2_protocol_options: {h2}}}\n"
+            );
+            let yaml = bootstrap(
+                &[listener_yaml(
+                    "main",
+                    port,
+                    "virtual_hosts: [{name: all, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: up}}]}]",
+                    "",
+                )],
+                &[cluster_yaml("up", &[up], &cluster_extra)],
+            );
+            let _p: Box<dyn std::any::Any> = if envoy {
+                Box::new(Envoy::start(&yaml, port))
+            } else {
+                Box::new(Legate::start(&yaml, port))
+            };
+            let client = std::thread::spawn(move || get(port, "/", "w").status);
+            seen.push(client_opening(&upstream));
+            drop(upstream);
+            let _ = client.join();
+        }
+        assert_eq!(seen[0], seen[1], "{h2}: envoy, then legate");
+    }
+}

@@ -236,6 +236,9 @@ pub struct ProtocolSettings {
     pub auto_sni: bool,
     /// `upstream_http_protocol_options.auto_san_validation`.
     pub auto_san_validation: bool,
+    /// `http2_protocol_options`: streams per connection and receive windows (Envoy's
+    /// defaults when unset: up to 1024 streams share a connection, as the server allows).
+    pub h2: crate::config::http2_options::H2Settings,
 }
 
 pub(super) fn convert_http_protocol_options(
@@ -288,7 +291,7 @@ pub(super) fn convert_http_protocol_options(
                 }
             }
             Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
-                check_h2_options(
+                settings.h2 = crate::config::http2_options::convert(
                     h2,
                     &join(at, "explicit_http_config.http2_protocol_options"),
                     errs,
@@ -315,7 +318,11 @@ pub(super) fn convert_http_protocol_options(
                 );
             }
             if let Some(h2) = &d.http2_protocol_options {
-                check_h2_options(h2, &join(&dat, "http2_protocol_options"), errs);
+                settings.h2 = crate::config::http2_options::convert(
+                    h2,
+                    &join(&dat, "http2_protocol_options"),
+                    errs,
+                );
             }
             if d.http3_protocol_options.is_some() {
                 errs.add(join(&dat, "http3_protocol_options"), "not supported");
@@ -334,7 +341,11 @@ pub(super) fn convert_http_protocol_options(
                 );
             }
             if let Some(h2) = &a.http2_protocol_options {
-                check_h2_options(h2, &join(&aat, "http2_protocol_options"), errs);
+                settings.h2 = crate::config::http2_options::convert(
+                    h2,
+                    &join(&aat, "http2_protocol_options"),
+                    errs,
+                );
             }
             if a.http3_protocol_options.is_some() || a.alternate_protocols_cache_options.is_some() {
                 errs.add(&aat, "HTTP/3 is not supported");
@@ -345,16 +356,6 @@ pub(super) fn convert_http_protocol_options(
     common_http_protocol_options.as_ref().and_then(|c| {
         convert_upstream_http_options(c, &join(at, "common_http_protocol_options"), errs)
     })
-}
-
-fn check_h2_options(
-    h2: &envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions,
-    at: &str,
-    errs: &mut Errors,
-) {
-    if *h2 != Default::default() {
-        errs.add(at, "HTTP/2 options are not supported (leave it empty)");
-    }
 }
 
 pub(super) fn convert_load_assignment(

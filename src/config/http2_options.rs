@@ -1,13 +1,14 @@
-//! `envoy.config.core.v3.Http2ProtocolOptions` on the connection manager: the SETTINGS a
-//! downstream HTTP/2 connection advertises. The flow-control and concurrency settings that
-//! control planes write are applied; the others are rejected by name.
+//! `envoy.config.core.v3.Http2ProtocolOptions`, on a connection manager (the SETTINGS a
+//! downstream HTTP/2 connection advertises) and on a cluster (the windows an upstream
+//! connection opens, and how many streams share it). The flow-control and concurrency
+//! settings that control planes write are applied; the others are rejected by name.
 
 use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
 
 use super::error::{join, Errors};
 use crate::reject_set;
 
-/// What a downstream HTTP/2 connection advertises.
+/// An HTTP/2 connection's concurrency and receive windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct H2Settings {
     pub max_concurrent_streams: u32,
@@ -31,7 +32,7 @@ impl Default for H2Settings {
 const WINDOW_MIN: u32 = 65_535;
 const WINDOW_MAX: u32 = 2_147_483_647;
 
-pub fn downstream(o: &Http2ProtocolOptions, at: &str, errs: &mut Errors) -> H2Settings {
+pub fn convert(o: &Http2ProtocolOptions, at: &str, errs: &mut Errors) -> H2Settings {
     let Http2ProtocolOptions {
         hpack_table_size,
         max_concurrent_streams,

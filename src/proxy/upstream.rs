@@ -199,6 +199,15 @@ pub fn set_server_header(resp: &mut ResponseHeader, hcm: &HttpConnectionManager)
 /// The Pingora peer for one try: TLS (SNI, CA, client certificate) and HTTP version from the
 /// cluster's transport socket and protocol options.
 pub fn peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
+    let mut peer = tls_or_plain_peer(cluster, host, session);
+    let h2 = &cluster.protocol.h2;
+    peer.options.max_h2_streams = h2.max_concurrent_streams as usize;
+    peer.options.h2_stream_window_size = Some(h2.initial_stream_window_size);
+    peer.options.h2_connection_window_size = Some(h2.initial_connection_window_size);
+    peer
+}
+
+fn tls_or_plain_peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
     let Some(tls) = &cluster.tls else {
         let mut peer = HttpPeer::new(host.address, false, String::new());
         peer.group_key = cluster.pool_key;
