@@ -65,14 +65,20 @@ pub fn start(
     println!("legate: admin on http://{addr}");
     rt.spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, remote)) = listener.accept().await else {
                 continue;
             };
+            let local = stream.local_addr().ok();
             let state = state.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req.method(), req.uri())) }
+                    async move {
+                        let start = (std::time::SystemTime::now(), Instant::now());
+                        let resp = handle(&state, req.method(), req.uri());
+                        log_request(&state, &req, &resp, start, Some(remote), local);
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -81,6 +87,47 @@ pub fn start(
         }
     });
     Ok(())
+}
+
+/// `admin.access_log`: one line per admin request, with the loggers' formats.
+fn log_request(
+    state: &AdminState,
+    req: &hyper::Request<hyper::body::Incoming>,
+    resp: &Resp,
+    (start, clock): (std::time::SystemTime, Instant),
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+) {
+    let loggers = state.snapshot.load().admin_access_logs.clone();
+    if loggers.is_empty() {
+        return;
+    }
+    use hyper::body::Body;
+    let record = crate::access_log::Record {
+        start: Some(start),
+        request_headers: req.headers().clone(),
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        authority: req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        response_headers: resp.headers().clone(),
+        status: resp.status().as_u16(),
+        flags: "-",
+        bytes_sent: resp.body().size_hint().exact().unwrap_or(0) as usize,
+        duration: clock.elapsed(),
+        remote,
+        local,
+        protocol: "HTTP/1.1",
+        ..Default::default()
+    };
+    crate::access_log::log(&loggers, record);
 }
 
 fn query_param<'a>(uri: &'a hyper::Uri, name: &str) -> Option<&'a str> {

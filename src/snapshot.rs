@@ -22,6 +22,8 @@ pub struct Snapshot {
     listener_index: HashMap<String, usize>,
     pub clusters: foldhash::HashMap<String, Arc<Cluster>>,
     pub admin_address: Option<SocketAddr>,
+    /// `admin.access_log`: a line per admin request.
+    pub admin_access_logs: Arc<[crate::access_log::Logger]>,
     pub bootstrap: Bootstrap,
     /// The management server, when the bootstrap has `dynamic_resources`.
     pub xds: Option<XdsConfig>,
@@ -254,9 +256,10 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         .as_ref()
         .and_then(|d| XdsConfig::convert(d, "dynamic_resources", &mut errs));
     let eds = |name: &str| dynamic.endpoints.get(name).cloned();
-    let admin_address = admin
-        .as_ref()
-        .and_then(|a| convert_admin(a, "admin", &mut errs));
+    let (admin_address, admin_access_logs) = match admin {
+        Some(a) => convert_admin(a, "admin", &mut errs),
+        None => (None, Vec::new()),
+    };
     let mut listeners = Vec::new();
     let mut listener_index = HashMap::new();
     let mut pending: Vec<(String, &ListenerProto, String)> = Vec::new();
@@ -413,6 +416,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         listener_index,
         clusters,
         admin_address,
+        admin_access_logs: admin_access_logs.into(),
         xds,
         dynamic,
         rds_names: rds.names,
@@ -423,7 +427,11 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
     })
 }
 
-fn convert_admin(a: &Admin, at: &str, errs: &mut Errors) -> Option<SocketAddr> {
+fn convert_admin(
+    a: &Admin,
+    at: &str,
+    errs: &mut Errors,
+) -> (Option<SocketAddr>, Vec<crate::access_log::Logger>) {
     let Admin {
         access_log,
         access_log_path,
@@ -433,25 +441,27 @@ fn convert_admin(a: &Admin, at: &str, errs: &mut Errors) -> Option<SocketAddr> {
         ignore_global_conn_limit,
         allow_paths,
     } = a;
+    let logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs);
     reject_set!(
         errs,
         at,
-        access_log,
         access_log_path,
         profile_path,
         socket_options,
         ignore_global_conn_limit,
         allow_paths,
     );
-    let (host, port) = socket_address(address, &join(at, "address"), errs)?;
+    let Some((host, port)) = socket_address(address, &join(at, "address"), errs) else {
+        return (None, logs);
+    };
     match host.parse() {
-        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Ok(ip) => (Some(SocketAddr::new(ip, port)), logs),
         Err(_) => {
             errs.add(
                 join(at, "address.socket_address.address"),
                 format!("'{host}' is not an IP address"),
             );
-            None
+            (None, logs)
         }
     }
 }

@@ -239,3 +239,45 @@ fn bad_format_is_rejected_with_its_path() {
         "{err}"
     );
 }
+
+/// `admin.access_log`, as Envoy Gateway's bootstrap sets it: a line per admin request in
+/// the logger's format, the same fields from Envoy and legate (the bodies of admin pages
+/// differ, so not their sizes).
+#[test]
+fn admin_requests_are_access_logged_as_by_envoy() {
+    let format = "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% \\\"%REQ(USER-AGENT)%\\\" \\\"%REQ(:AUTHORITY)%\\\"\\n";
+    let run = |envoy: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("admin.log");
+        let (port, admin) = (free_port(), free_port());
+        let yaml = format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}\n  access_log:\n  - name: envoy.access_loggers.file\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n      path: {}\n      log_format: {{text_format_source: {{inline_string: \"{format}\"}}}}\n{}",
+            log.display(),
+            bootstrap(
+                &[listener_yaml(
+                    "main",
+                    port,
+                    "virtual_hosts: [{name: all, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+                    "",
+                )],
+                &[],
+            )
+        );
+        let _p: Box<dyn std::any::Any> = if envoy {
+            Box::new(Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        wait_for_port(admin, None);
+        assert_eq!(get(admin, "/ready", "admin.test").status, 200);
+        assert_eq!(
+            get(admin, "/stats?filter=nothing", "admin.test").status,
+            200
+        );
+        read_lines(&log, 2)
+    };
+    let envoy = run(true);
+    let legate = run(false);
+    assert_eq!(envoy.len(), 2, "{envoy:#?}");
+    assert_eq!(legate, envoy);
+}
