@@ -80,6 +80,11 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs`: (type lowercased, e.g. `websocket`; enabled). A route's own
     /// `upgrade_configs` override these per type.
     pub upgrades: Vec<(String, bool)>,
+    /// `forward_client_cert_details` is ALWAYS_FORWARD_ONLY: a request's
+    /// `x-forwarded-client-cert` goes upstream as it came. Otherwise it is removed: every
+    /// other mode forwards or sets it only for a client that presented a certificate, and
+    /// legate's listeners do not ask for one (no mTLS yet).
+    pub always_forward_client_cert: bool,
     /// `http2_protocol_options`: what HTTP/2 connections advertise.
     pub h2_settings: crate::config::http2_options::H2Settings,
     /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
@@ -120,6 +125,18 @@ pub struct InternalAddresses(Vec<ipnet::IpNet>);
 impl InternalAddresses {
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn forward_client_cert(v: i32, at: &str, errs: &mut Errors) -> bool {
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ForwardClientCertDetails as F;
+    match F::try_from(v) {
+        Ok(F::AlwaysForwardOnly) => true,
+        Ok(_) => false,
+        Err(_) => {
+            errs.add(at, "unknown value");
+            false
+        }
     }
 }
 
@@ -907,8 +924,6 @@ fn convert_hcm(
         access_log_options,
         original_ip_detection_extensions,
         early_header_mutation_extensions,
-        forward_client_cert_details,
-        set_current_client_cert_details,
         forward_client_cert_matcher,
         proxy_100_continue,
         represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
@@ -925,6 +940,14 @@ fn convert_hcm(
         forward_proto_config,
     );
     let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs).into();
+    let always_forward_client_cert = forward_client_cert(
+        *forward_client_cert_details,
+        &join(at, "forward_client_cert_details"),
+        errs,
+    );
+    // set_current_client_cert_details says what to put in the header for a client
+    // certificate; with none ever presented (above) it has nothing to describe, in Envoy too.
+    let _ = set_current_client_cert_details;
     let h2_settings = http2_protocol_options
         .as_ref()
         .map(|o| {
@@ -1096,6 +1119,7 @@ fn convert_hcm(
     }
     Some(HttpConnectionManager {
         upgrades,
+        always_forward_client_cert,
         h2_settings,
         path_normalization,
         max_request_headers_bytes: max_request_headers_kb as usize * 1024,

@@ -292,3 +292,39 @@ fn upgrades_are_allowed_per_route() {
         "{off_on_route:?}"
     );
 }
+
+#[test]
+fn a_client_supplied_xfcc_header_is_removed_unless_always_forwarded() {
+    // Plaintext clients present no certificate: every mode but ALWAYS_FORWARD_ONLY drops
+    // the header, so an upstream that trusts it cannot be fooled.
+    let heads = vec![get(
+        "/x",
+        "x-forwarded-client-cert: By=spiffe://spoofed;Hash=00\r\n",
+    )];
+    let routes = "virtual_hosts:\n- name: all\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: c}\n";
+    for mode in [
+        "",
+        "forward_client_cert_details: SANITIZE\n",
+        "forward_client_cert_details: FORWARD_ONLY\n",
+        "forward_client_cert_details: APPEND_FORWARD\nset_current_client_cert_details: {subject: true, uri: true}\n",
+        "forward_client_cert_details: SANITIZE_SET\nset_current_client_cert_details: {cert: true}\n",
+        "forward_client_cert_details: ALWAYS_FORWARD_ONLY\n",
+    ] {
+        let outcomes = same_as_envoy(
+            |port, up| {
+                bootstrap(
+                    &[listener_yaml("main", port, routes, mode)],
+                    &[cluster_yaml("c", &[up], "")],
+                )
+            },
+            &heads,
+            &["x-forwarded-client-cert"],
+        );
+        let forwarded = mode.contains("ALWAYS_FORWARD_ONLY");
+        assert_eq!(
+            outcomes[0].contains("x-forwarded-client-cert=Some"),
+            forwarded,
+            "{mode}: {outcomes:?}"
+        );
+    }
+}

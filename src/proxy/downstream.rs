@@ -90,6 +90,9 @@ pub fn mutate_request_headers(
         let _ = req.insert_header(http::header::CONNECTION, "upgrade");
     }
     sanitize_te(req);
+    if !hcm.always_forward_client_cert {
+        req.remove_header("x-forwarded-client-cert");
+    }
     if req.headers.get_all(http::header::REFERER).iter().count() > 1 {
         req.remove_header(&http::header::REFERER);
     }
