@@ -80,11 +80,8 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs`: (type lowercased, e.g. `websocket`; enabled). A route's own
     /// `upgrade_configs` override these per type.
     pub upgrades: Vec<(String, bool)>,
-    /// `forward_client_cert_details` is ALWAYS_FORWARD_ONLY: a request's
-    /// `x-forwarded-client-cert` goes upstream as it came. Otherwise it is removed: every
-    /// other mode forwards or sets it only for a client that presented a certificate, and
-    /// legate's listeners do not ask for one (no mTLS yet).
-    pub always_forward_client_cert: bool,
+    /// `forward_client_cert_details`: what becomes of a request's `x-forwarded-client-cert`.
+    pub forward_client_cert: ForwardClientCert,
     /// `http2_protocol_options`: what HTTP/2 connections advertise.
     pub h2_settings: crate::config::http2_options::H2Settings,
     /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
@@ -128,14 +125,40 @@ impl InternalAddresses {
     }
 }
 
-fn forward_client_cert(v: i32, at: &str, errs: &mut Errors) -> bool {
+/// Envoy's `forward_client_cert_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    SanitizeSet,
+    AlwaysForwardOnly,
+}
+
+impl ForwardClientCert {
+    /// Whether a request keeps the header it came with: ALWAYS_FORWARD_ONLY always,
+    /// FORWARD_ONLY from a client that presented a certificate; every other case removes
+    /// it (APPEND_FORWARD and SANITIZE_SET only ever meet clients without one).
+    pub fn keeps_header(self, client_certificate: bool) -> bool {
+        match self {
+            ForwardClientCert::AlwaysForwardOnly => true,
+            ForwardClientCert::ForwardOnly => client_certificate,
+            _ => false,
+        }
+    }
+}
+
+fn forward_client_cert(v: i32, at: &str, errs: &mut Errors) -> ForwardClientCert {
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ForwardClientCertDetails as F;
     match F::try_from(v) {
-        Ok(F::AlwaysForwardOnly) => true,
-        Ok(_) => false,
+        Ok(F::Sanitize) => ForwardClientCert::Sanitize,
+        Ok(F::ForwardOnly) => ForwardClientCert::ForwardOnly,
+        Ok(F::AppendForward) => ForwardClientCert::AppendForward,
+        Ok(F::SanitizeSet) => ForwardClientCert::SanitizeSet,
+        Ok(F::AlwaysForwardOnly) => ForwardClientCert::AlwaysForwardOnly,
         Err(_) => {
             errs.add(at, "unknown value");
-            false
+            ForwardClientCert::Sanitize
         }
     }
 }
@@ -651,12 +674,20 @@ fn convert_filter_chain(
             None => {}
         }
     }
-    let hcm = http_connection_manager(
-        &filters[hcm_index..],
-        &index(&join(at, "filters"), hcm_index),
-        rds,
-        errs,
-    )?;
+    let hcm_at = index(&join(at, "filters"), hcm_index);
+    let hcm = http_connection_manager(&filters[hcm_index..], &hcm_at, rds, errs)?;
+    let mode = hcm.forward_client_cert;
+    if tls.as_ref().is_some_and(|t| t.asks_client_certificate)
+        && matches!(
+            mode,
+            ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
+        )
+    {
+        errs.add(
+            join(&hcm_at, "typed_config.forward_client_cert_details"),
+            "APPEND_FORWARD and SANITIZE_SET are not supported yet where clients present certificates",
+        );
+    }
     Some(Chain {
         plain_upstreams: false,
         connection_limit,
@@ -940,13 +971,14 @@ fn convert_hcm(
         forward_proto_config,
     );
     let access_logs = crate::access_log::convert(access_log, &join(at, "access_log"), errs).into();
-    let always_forward_client_cert = forward_client_cert(
+    let forward_client_cert = forward_client_cert(
         *forward_client_cert_details,
         &join(at, "forward_client_cert_details"),
         errs,
     );
-    // set_current_client_cert_details says what to put in the header for a client
-    // certificate; with none ever presented (above) it has nothing to describe, in Envoy too.
+    // What APPEND_FORWARD and SANITIZE_SET would put in the header for a client
+    // certificate; those modes are refused where clients present one (see `Chain`), so
+    // there is never one to describe, in Envoy too.
     let _ = set_current_client_cert_details;
     let h2_settings = http2_protocol_options
         .as_ref()
@@ -1119,7 +1151,7 @@ fn convert_hcm(
     }
     Some(HttpConnectionManager {
         upgrades,
-        always_forward_client_cert,
+        forward_client_cert,
         h2_settings,
         path_normalization,
         max_request_headers_bytes: max_request_headers_kb as usize * 1024,

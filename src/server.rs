@@ -839,6 +839,7 @@ async fn accept_inspected(
             sni,
             version,
             cipher,
+            peer_certificate: conn.peer_certificates().is_some_and(|c| !c.is_empty()),
         }),
         &c.hcm,
         drain,

@@ -825,3 +825,170 @@ fn static_secrets_serve_certificates_named_by_sds_configs() {
         "{text}"
     );
 }
+
+/// Client certificates (mTLS): a CA in `validation_context` verifies a presented
+/// certificate, `require_client_certificate` makes one mandatory (without a CA, any
+/// certificate passes, as in Envoy); and `x-forwarded-client-cert` under FORWARD_ONLY is
+/// kept only from a client that presented one. Three clients (none, CA-signed, another
+/// self-signed) through Envoy and legate on each config.
+#[test]
+fn client_certificates_are_asked_for_and_checked_as_in_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=client",
+        ],
+    );
+    std::fs::write(
+        d.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://test/client\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+            "-addext",
+            "extendedKeyUsage=clientAuth",
+        ],
+    );
+    let server = write_cert(d, "server", &cert(&["localhost"]));
+    let path = |f: &str| d.join(f).display().to_string();
+    let clients = [
+        ("-", "-"),
+        ("client.pem", "client.key"),
+        ("other.pem", "other.key"),
+    ];
+    // (DownstreamTlsContext fields, a line of its common_tls_context)
+    let validation = format!(
+        "validation_context: {{trusted_ca: {{filename: {}}}}}",
+        path("ca.pem")
+    );
+    for (settings, common) in [
+        ("", validation.as_str()),
+        ("require_client_certificate: true", validation.as_str()),
+        ("require_client_certificate: true", ""),
+    ] {
+        let context = format!("{settings} {common}");
+        let mut seen = Vec::new();
+        for envoy in [true, false] {
+            let up = Upstream::start("up");
+            let port = free_port();
+            let socket = tls_socket(&server, "http/1.1")
+                .replace(
+                    "          common_tls_context:\n",
+                    &format!("          {settings}\n          common_tls_context:\n"),
+                )
+                .replace(
+                    "            tls_certificates:",
+                    &format!("            {common}\n            tls_certificates:"),
+                );
+            let yaml = format!(
+                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}\n  clusters:{}",
+                hcm("tls", "route: {cluster: up}").replace(
+                    "          stat_prefix: tls\n",
+                    "          stat_prefix: tls\n          forward_client_cert_details: FORWARD_ONLY\n"
+                ),
+                cluster_yaml("up", &[up.port()], "")
+            );
+            let _p: Box<dyn std::any::Any> = if envoy {
+                Box::new(Envoy::start(&yaml, port))
+            } else {
+                Box::new(Legate::start(&yaml, port))
+            };
+            let outcomes: Vec<(String, Option<String>)> = clients
+                .iter()
+                .map(|(c, k)| {
+                    let (c, k) = if *c == "-" {
+                        ("-".to_string(), "-".to_string())
+                    } else {
+                        (path(c), path(k))
+                    };
+                    let before = up.count();
+                    let out = std::process::Command::new("python3")
+                        .arg(repo_path("tests/tls/client_cert_get.py"))
+                        .args([port.to_string(), c, k])
+                        .output()
+                        .expect("python3");
+                    let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    let xfcc = (up.count() > before)
+                        .then(|| {
+                            up.last()
+                                .header("x-forwarded-client-cert")
+                                .map(str::to_string)
+                        })
+                        .flatten();
+                    (status, xfcc)
+                })
+                .collect();
+            seen.push(outcomes);
+        }
+        assert_eq!(seen[0], seen[1], "{context}: envoy, then legate");
+        // With a CA, the other certificate is refused and the CA's client keeps its header;
+        // without one, nobody is asked for a certificate, even when one is "required".
+        let refused = seen[1].iter().filter(|(s, _)| s == "failed").count();
+        assert_eq!(refused > 0, !common.is_empty(), "{context}: {:?}", seen[1]);
+    }
+}

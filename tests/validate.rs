@@ -199,3 +199,45 @@ fn the_local_cluster_must_be_a_static_cluster_as_in_envoy() {
         text(&out)
     );
 }
+
+#[test]
+fn xfcc_details_where_clients_present_certificates_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (crt, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+    std::fs::write(&crt, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let yaml = format!(
+        r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 10000}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            validation_context: {{trusted_ca: {{filename: {crt}}}}}
+            tls_certificates: [{{certificate_chain: {{filename: {crt}}}, private_key: {{filename: {key}}}}}]
+      filters:
+      - name: hcm
+        typed_config:
+          "@type": {HCM}
+          stat_prefix: x
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{uri: true}}
+          route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": {ROUTER}}}}}]
+"#,
+        crt = crt.display(),
+        key = key.display()
+    );
+    let out = validate_legate(&yaml);
+    assert!(
+        text(&out).contains("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.forward_client_cert_details: APPEND_FORWARD and SANITIZE_SET are not supported yet"),
+        "{}",
+        text(&out)
+    );
+}

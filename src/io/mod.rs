@@ -231,6 +231,8 @@ pub struct TlsInfo {
     pub sni: Option<String>,
     pub version: &'static str,
     pub cipher: &'static str,
+    /// The client presented a certificate (and it passed the context's checks).
+    pub peer_certificate: bool,
 }
 
 /// The transport under the HTTP codec: a TCP stream, or TLS over one.

@@ -81,6 +81,7 @@ pub fn mutate_request_headers(
     listener_port: u16,
     scheme: &'static str,
     upgrade: bool,
+    client_certificate: bool,
 ) -> Downstream {
     // An allowed upgrade keeps its headers: Pingora reads them to switch to a tunnel.
     remove_where(req, |n| {
@@ -90,7 +91,7 @@ pub fn mutate_request_headers(
         let _ = req.insert_header(http::header::CONNECTION, "upgrade");
     }
     sanitize_te(req);
-    if !hcm.always_forward_client_cert {
+    if !hcm.forward_client_cert.keeps_header(client_certificate) {
         req.remove_header("x-forwarded-client-cert");
     }
     if req.headers.get_all(http::header::REFERER).iter().count() > 1 {

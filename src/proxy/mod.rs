@@ -830,6 +830,10 @@ pub(crate) async fn handle_request<C: Client>(
     };
     let upgrade = downstream::requested_upgrade(session.req_header());
     ctx.upgrade = upgrade.is_some();
+    let client_certificate = session
+        .connection()
+        .and_then(|i| i.tls.as_ref())
+        .is_some_and(|t| t.peer_certificate);
     let ds = downstream::mutate_request_headers(
         hcm,
         session.req_header_mut(),
@@ -837,6 +841,7 @@ pub(crate) async fn handle_request<C: Client>(
         listener.address.port(),
         scheme,
         ctx.upgrade,
+        client_certificate,
     );
     ctx.request_id = ds.request_id;
     ctx.client_ip = ds.remote;

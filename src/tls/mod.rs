@@ -22,6 +22,7 @@ use crate::config::load::unpack_or_report;
 use crate::reject_set;
 use crate::route::entry::read_data_source;
 
+mod client_auth;
 mod select;
 
 pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
@@ -31,6 +32,8 @@ const DOWNSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.Dow
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
+    /// The context asks clients for a certificate (mTLS).
+    pub asks_client_certificate: bool,
 }
 
 /// The SDS resource type (`Secret`), delivered on the ADS stream.
@@ -69,13 +72,7 @@ impl ServerTls {
             stateful: !disable_stateful_session_resumption,
             stateless: stateless_resumption(session_ticket_keys_type, &at, errs),
         };
-        // Only a client certificate requirement needs validation support (mTLS: not yet).
-        if require_client_certificate.is_some_and(|b| b.value) {
-            errs.add(
-                join(&at, "require_client_certificate"),
-                "client certificates (mTLS) are not supported yet",
-            );
-        }
+        let require_client_certificate = require_client_certificate.is_some_and(|b| b.value);
         // LENIENT_STAPLING (0) is the default and means "staple if configured"; with no
         // staples configured every policy behaves alike except MUST_STAPLE.
         if *ocsp_staple_policy == 2 {
@@ -92,15 +89,18 @@ impl ServerTls {
             );
             return None;
         };
+        let asks_client_certificate = common.validation_context_type.is_some();
         let mut config = server_config(
             common,
             &join(&at, "common_tls_context"),
             require_sni,
+            require_client_certificate,
             rds,
             errs,
         )?;
         resumption.apply(&mut config, &at, errs);
         Some(ServerTls {
+            asks_client_certificate,
             config: Arc::new(config),
         })
     }
@@ -160,6 +160,7 @@ fn server_config(
     c: &CommonTlsContext,
     at: &str,
     require_sni: bool,
+    require_client_certificate: bool,
     rds: &mut crate::listener::Rds<'_>,
     errs: &mut Errors,
 ) -> Option<ServerConfig> {
@@ -173,25 +174,34 @@ fn server_config(
     if sds.is_none() && !c.tls_certificate_sds_secret_configs.is_empty() {
         return None;
     }
-    if let Some(v) = validation_context_type {
-        let field = match v {
-            ValidationContextType::ValidationContext(_) => "validation_context",
-            ValidationContextType::ValidationContextSdsSecretConfig(_) => {
-                "validation_context_sds_secret_config"
-            }
-            ValidationContextType::CombinedValidationContext(_) => "combined_validation_context",
-            ValidationContextType::ValidationContextCertificateProvider(_) => {
-                "validation_context_certificate_provider"
-            }
-            ValidationContextType::ValidationContextCertificateProviderInstance(_) => {
-                "validation_context_certificate_provider_instance"
-            }
-        };
-        errs.add(
-            join(at, field),
-            "client certificate validation (mTLS) is not supported yet",
-        );
-    }
+    let client_cas = match validation_context_type {
+        None => None,
+        Some(ValidationContextType::ValidationContext(v)) => {
+            client_auth::trusted_cas(v, &join(at, "validation_context"), errs)
+        }
+        Some(v) => {
+            let field = match v {
+                ValidationContextType::ValidationContext(_) => "validation_context",
+                ValidationContextType::ValidationContextSdsSecretConfig(_) => {
+                    "validation_context_sds_secret_config"
+                }
+                ValidationContextType::CombinedValidationContext(_) => {
+                    "combined_validation_context"
+                }
+                ValidationContextType::ValidationContextCertificateProvider(_) => {
+                    "validation_context_certificate_provider"
+                }
+                ValidationContextType::ValidationContextCertificateProviderInstance(_) => {
+                    "validation_context_certificate_provider_instance"
+                }
+            };
+            errs.add(
+                join(at, field),
+                "not supported (an inline validation_context is)",
+            );
+            return None;
+        }
+    };
     let (versions, suites, groups) = match tls_params {
         Some(p) => params(p, &join(at, "tls_params"), errs)?,
         None => (
@@ -254,9 +264,20 @@ fn server_config(
                 return None;
             }
         };
-    let mut config = builder.with_no_client_auth().with_cert_resolver(Arc::new(
-        select::CertificateSelector::new(candidates, &suites),
-    ));
+    let verifier = client_auth::verifier(
+        client_cas,
+        require_client_certificate,
+        builder.crypto_provider(),
+        at,
+        errs,
+    );
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(select::CertificateSelector::new(
+        candidates, &suites,
+    )));
     config.alpn_protocols = alpn_protocols
         .iter()
         .map(|p| p.as_bytes().to_vec())
