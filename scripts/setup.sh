@@ -27,6 +27,12 @@ if [ "${1:-}" = "--with-envoy" ]; then
     need_root apt-get update -qq
     need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
   fi
+  # ss reads the keep-alive timer of the gateway's upstream sockets (tests/gateway.rs).
+  if ! command -v ss >/dev/null 2>&1; then
+    echo "setup: installing iproute2" >&2
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+  fi
   # RSA and X.509 v1 test certificates (tests/tls.rs), which rcgen cannot make.
   if ! command -v openssl >/dev/null 2>&1; then
     echo "setup: installing openssl" >&2

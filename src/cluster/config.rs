@@ -228,6 +228,86 @@ pub enum UpstreamProtocol {
     Alpn,
 }
 
+/// `upstream_connection_options.tcp_keepalive`: SO_KEEPALIVE on, and each value given set
+/// (unset ones stay the system's), as Envoy sets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Option<u32>,
+    pub interval: Option<u32>,
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    /// For Pingora's connector, which takes every value: the system's where none is given.
+    pub fn complete(&self) -> pingora::protocols::l4::ext::TcpKeepalive {
+        let system = |name: &str, default: u64| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(default)
+        };
+        pingora::protocols::l4::ext::TcpKeepalive {
+            idle: Duration::from_secs(
+                self.time
+                    .map_or_else(|| system("tcp_keepalive_time", 7200), u64::from),
+            ),
+            interval: Duration::from_secs(
+                self.interval
+                    .map_or_else(|| system("tcp_keepalive_intvl", 75), u64::from),
+            ),
+            count: self
+                .probes
+                .map_or_else(|| system("tcp_keepalive_probes", 9), u64::from)
+                as usize,
+            #[cfg(target_os = "linux")]
+            user_timeout: Duration::ZERO,
+        }
+    }
+
+    /// For a socket the native engine connects.
+    pub fn socket2(&self) -> socket2::TcpKeepalive {
+        let mut k = socket2::TcpKeepalive::new();
+        if let Some(t) = self.time {
+            k = k.with_time(Duration::from_secs(u64::from(t)));
+        }
+        if let Some(i) = self.interval {
+            k = k.with_interval(Duration::from_secs(u64::from(i)));
+        }
+        if let Some(p) = self.probes {
+            k = k.with_retries(p);
+        }
+        k
+    }
+}
+
+pub(super) fn convert_upstream_connection_options(
+    o: &envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<Keepalive> {
+    let envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions {
+        tcp_keepalive,
+        set_local_interface_name_on_upstream_connections,
+        happy_eyeballs_config,
+    } = o;
+    reject_set!(
+        errs,
+        at,
+        set_local_interface_name_on_upstream_connections,
+        happy_eyeballs_config,
+    );
+    let envoy_types::pb::envoy::config::core::v3::TcpKeepalive {
+        keepalive_probes,
+        keepalive_time,
+        keepalive_interval,
+    } = tcp_keepalive.as_ref()?;
+    Some(Keepalive {
+        time: keepalive_time.map(|v| v.value),
+        interval: keepalive_interval.map(|v| v.value),
+        probes: keepalive_probes.map(|v| v.value),
+    })
+}
+
 /// The parts of `HttpProtocolOptions` that shape the upstream connection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProtocolSettings {

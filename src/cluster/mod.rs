@@ -84,6 +84,8 @@ pub struct Cluster {
     pub eds_service: Option<String>,
     /// The HTTP version(s) its connections speak, and SNI options.
     pub protocol: config::ProtocolSettings,
+    /// `upstream_connection_options.tcp_keepalive`.
+    pub tcp_keepalive: Option<config::Keepalive>,
     /// `transport_socket` `envoy.transport_sockets.tls`.
     pub tls: Option<crate::tls::UpstreamTls>,
     /// Set when `connect_timeout` is under a second (see connect.rs).
@@ -214,7 +216,6 @@ impl Cluster {
             upstream_bind_config,
             lb_subset_config,
             protocol_selection,
-            upstream_connection_options,
             close_connections_on_host_health_failure,
             filters,
             lrs_server,
@@ -252,6 +253,13 @@ impl Cluster {
                 return None;
             }
         };
+        let tcp_keepalive = upstream_connection_options.as_ref().and_then(|o| {
+            config::convert_upstream_connection_options(
+                o,
+                &join(at, "upstream_connection_options"),
+                errs,
+            )
+        });
         let lookup_family = match DnsLookupFamily::try_from(*dns_lookup_family) {
             Ok(f) => f,
             Err(_) => {
@@ -428,6 +436,7 @@ impl Cluster {
             endpoints,
             eds_service,
             protocol,
+            tcp_keepalive,
             tls,
             pool_key: {
                 use prost::Message;

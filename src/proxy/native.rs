@@ -586,7 +586,13 @@ async fn proxy<S: ClientStream>(client: &mut NativeClient<'_, S>, ctx: &mut Requ
         let key = (next.cluster.pool_key, next.host.address);
         let (mut upstream, reused) = match pool_take(key) {
             Some(s) => (s, true),
-            None => match connect(next.host.address, next.cluster.connect_timeout).await {
+            None => match connect(
+                next.host.address,
+                next.cluster.connect_timeout,
+                next.cluster.tcp_keepalive.as_ref(),
+            )
+            .await
+            {
                 Ok(s) => (s, false),
                 Err(mut e) => {
                     let retry = connect_failed(ctx, e.etype(), true);
@@ -631,10 +637,17 @@ async fn failed<S: ClientStream>(
     false
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<&crate::cluster::config::Keepalive>,
+) -> Result<TcpStream> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            if let Some(k) = keepalive {
+                let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&k.socket2());
+            }
             Ok(s)
         }
         Ok(Err(e)) => Err(Error::because(

@@ -204,6 +204,7 @@ pub fn peer(cluster: &Cluster, host: &Host, session: &Session) -> HttpPeer {
     peer.options.max_h2_streams = h2.max_concurrent_streams as usize;
     peer.options.h2_stream_window_size = Some(h2.initial_stream_window_size);
     peer.options.h2_connection_window_size = Some(h2.initial_connection_window_size);
+    peer.options.tcp_keepalive = cluster.tcp_keepalive.as_ref().map(|k| k.complete());
     peer
 }
 
