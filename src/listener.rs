@@ -236,6 +236,9 @@ pub struct Listener {
     pub buffer_limit: usize,
     /// `max_connections_to_accept_per_socket_event` (None: all that are pending).
     pub accepts_per_wakeup: Option<u32>,
+    /// `ignore_global_conn_limit` or `bypass_overload_manager`: the overload manager's
+    /// global connection limit neither counts nor refuses this listener's connections.
+    pub outside_global_limit: bool,
 }
 
 /// Envoy's default `per_connection_buffer_limit_bytes`.
@@ -445,8 +448,6 @@ impl Listener {
             tcp_backlog_size,
             bind_to_port,
             enable_mptcp,
-            ignore_global_conn_limit,
-            bypass_overload_manager,
             tcp_keepalive,
             listener_specifier,
             filter_chain_matcher,
@@ -573,6 +574,7 @@ impl Listener {
             inspect_timeout,
             buffer_limit,
             accepts_per_wakeup,
+            outside_global_limit: *ignore_global_conn_limit || *bypass_overload_manager,
         })
     }
 }

@@ -445,13 +445,25 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let active = cx_stats.clone().map(ActiveConnection::new);
                 let snapshot = shared.load_full();
-                let per_wakeup = local
-                    .and_then(|a| snapshot.listener_at(a))
-                    .and_then(|l| l.accepts_per_wakeup);
+                let config = local.and_then(|a| snapshot.listener_at(a));
+                let per_wakeup = config.and_then(|l| l.accepts_per_wakeup);
+                let counted = snapshot
+                    .global_max_connections
+                    .filter(|_| !config.is_some_and(|l| l.outside_global_limit));
+                let global = match counted.map(GlobalConnection::try_new) {
+                    Some(None) => {
+                        // Over the overload manager's limit: closed at once, as Envoy does.
+                        drop(tcp);
+                        continue;
+                    }
+                    Some(Some(g)) => Some(g),
+                    None => None,
+                };
                 let native = (engine == Engine::Native).then(|| shared.clone());
                 tokio::spawn(async move {
                     serve_connection(tcp, peer, apps, shutdown, snapshot, native).await;
                     drop(active);
+                    drop(global);
                 });
                 in_turn += 1;
                 if per_wakeup.is_some_and(|max| in_turn >= max) {
@@ -463,6 +475,30 @@ async fn accept_loop(
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Open downstream connections that count against the overload manager's global limit.
+static GLOBAL_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One of them, given back when the connection ends.
+struct GlobalConnection;
+
+impl GlobalConnection {
+    /// None when `max` are open already.
+    fn try_new(max: u64) -> Option<Self> {
+        GLOBAL_CONNECTIONS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GlobalConnection)
+    }
+}
+
+impl Drop for GlobalConnection {
+    fn drop(&mut self) {
+        GLOBAL_CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub admin_address: Option<SocketAddr>,
     /// `admin.access_log`: a line per admin request.
     pub admin_access_logs: Arc<[crate::access_log::Logger]>,
+    /// The overload manager's `global_downstream_max_connections` monitor.
+    pub global_max_connections: Option<u64>,
     pub bootstrap: Bootstrap,
     /// The management server, when the bootstrap has `dynamic_resources`.
     pub xds: Option<XdsConfig>,
@@ -88,6 +90,68 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }
+}
+
+const GLOBAL_CONNECTIONS_MONITOR: &str =
+    "envoy.resource_monitors.global_downstream_max_connections";
+const DOWNSTREAM_CONNECTIONS_TYPE: &str =
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
+
+/// `overload_manager`: the global limit on open downstream connections (the one monitor
+/// legate has). Its `refresh_interval` paces monitors that are sampled; this one is counted
+/// as connections open and close, in Envoy too.
+fn convert_overload_manager(
+    o: &envoy_types::pb::envoy::config::overload::v3::OverloadManager,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<u64> {
+    use envoy_types::pb::envoy::config::overload::v3::{resource_monitor, OverloadManager};
+    use envoy_types::pb::envoy::extensions::resource_monitors::downstream_connections::v3::DownstreamConnectionsConfig;
+    let OverloadManager {
+        refresh_interval,
+        resource_monitors,
+        actions,
+        loadshed_points,
+        buffer_factory_config,
+    } = o;
+    reject_set!(errs, at, actions, loadshed_points, buffer_factory_config);
+    crate::config::duration::check(refresh_interval, &join(at, "refresh_interval"), errs);
+    let mut max = None;
+    for (i, m) in resource_monitors.iter().enumerate() {
+        let mat = index(&join(at, "resource_monitors"), i);
+        let Some(resource_monitor::ConfigType::TypedConfig(any)) = &m.config_type else {
+            errs.add(join(&mat, "typed_config"), "required");
+            continue;
+        };
+        let type_name = crate::config::load::type_name(any);
+        if m.name != GLOBAL_CONNECTIONS_MONITOR || type_name != DOWNSTREAM_CONNECTIONS_TYPE {
+            errs.unsupported_extension(
+                &mat,
+                &type_name,
+                format!(
+                    "resource monitor '{}' ({type_name}) is not supported (only {GLOBAL_CONNECTIONS_MONITOR})",
+                    m.name
+                ),
+            );
+            continue;
+        }
+        let Some(c) = crate::config::load::unpack_or_report::<DownstreamConnectionsConfig>(
+            any,
+            DOWNSTREAM_CONNECTIONS_TYPE,
+            &mat,
+            errs,
+        ) else {
+            continue;
+        };
+        match u64::try_from(c.max_active_downstream_connections) {
+            Ok(n) if n > 0 => max = Some(n),
+            _ => errs.add(
+                join(&mat, "typed_config.max_active_downstream_connections"),
+                "must be greater than 0",
+            ),
+        }
+    }
+    max
 }
 
 /// `cluster_manager`: the local cluster's name (checked against the static clusters
@@ -245,10 +309,12 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         xds_config_tracker_extension,
         listener_manager,
         grpc_async_client_manager_config,
-        overload_manager,
         default_config_source,
         default_regex_engine,
     );
+    let global_max_connections = overload_manager
+        .as_ref()
+        .and_then(|o| convert_overload_manager(o, "overload_manager", &mut errs));
     let local_cluster = cluster_manager
         .as_ref()
         .and_then(|c| convert_cluster_manager(c, "cluster_manager", &mut errs));
@@ -417,6 +483,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         clusters,
         admin_address,
         admin_access_logs: admin_access_logs.into(),
+        global_max_connections,
         xds,
         dynamic,
         rds_names: rds.names,

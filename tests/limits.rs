@@ -343,3 +343,70 @@ fn http2_connections_drain_at_their_limits() {
         });
     }
 }
+
+/// The overload manager's global connection limit (`global_downstream_max_connections`, as
+/// Envoy Gateway's bootstrap sets it): past two open connections a new one is closed
+/// unanswered, a listener with `bypass_overload_manager` still takes one, and a slot frees
+/// when a connection closes. Envoy and legate alike.
+#[test]
+fn the_global_connection_limit_closes_connections_over_it_as_envoy_does() {
+    for envoy in [true, false] {
+        let up = Upstream::start("up");
+        let (port, bypass) = (free_port(), free_port());
+        let routes = "virtual_hosts: [{name: all, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: up}}]}]";
+        let yaml = format!(
+            "overload_manager:\n  refresh_interval: 0.25s\n  resource_monitors:\n  - name: envoy.resource_monitors.global_downstream_max_connections\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig\n      max_active_downstream_connections: 2\n{}",
+            bootstrap(
+                &[
+                    listener_yaml("main", port, routes, ""),
+                    listener_yaml("ops", bypass, routes, "").replacen(
+                        "  - name: ops\n",
+                        "  - name: ops\n    bypass_overload_manager: true\n",
+                        1,
+                    ),
+                ],
+                &[cluster_yaml("up", &[up.port()], "")],
+            )
+        );
+        let _p: Box<dyn std::any::Any> = if envoy {
+            Box::new(common::Envoy::start(&yaml, port))
+        } else {
+            Box::new(Legate::start(&yaml, port))
+        };
+        wait_for_port(bypass, None);
+        // The gateways' readiness probes close their connections as these open: a slot
+        // may take a moment to come back.
+        let served = || {
+            KeepAlive::connect(port)
+                .and_then(|mut k| k.get("/", "x").map(|_| k))
+                .ok()
+        };
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut one = None;
+            eventually(5, "a connection under the limit", || {
+                one = served();
+                one.is_some()
+            });
+            open.extend(one);
+        }
+        let a = open.remove(0);
+        let mut c = KeepAlive::connect(port).unwrap();
+        assert!(
+            c.get("/", "x").is_err(),
+            "envoy: {envoy}: a third connection is closed"
+        );
+        let mut ops = KeepAlive::connect(bypass).unwrap();
+        assert_eq!(
+            ops.get("/", "x").unwrap().status,
+            200,
+            "envoy: {envoy}: bypass"
+        );
+        drop(a);
+        eventually(5, "a slot frees up", || {
+            KeepAlive::connect(port)
+                .and_then(|mut d| d.get("/", "x"))
+                .is_ok()
+        });
+    }
+}
