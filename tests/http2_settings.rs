@@ -26,14 +26,7 @@ fn advertised(port: u16) -> (Option<u32>, Option<u32>, u64) {
     let mut pings = 0;
     let mut connection_window = 65_535u64;
     loop {
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head)
-            .expect("a frame before the PING answer");
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let (kind, flags) = (head[3], head[4]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).expect("frame payload");
+        let (kind, flags, stream, payload) = read_frame(&mut s);
         match kind {
             4 if flags & 1 == 0 => {
                 for p in payload.chunks_exact(6) {
@@ -46,10 +39,7 @@ fn advertised(port: u16) -> (Option<u32>, Option<u32>, u64) {
                     }
                 }
             }
-            8 if stream == 0 => {
-                let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                connection_window += u64::from(inc & 0x7fff_ffff);
-            }
+            8 if stream == 0 => connection_window += increment(&payload),
             6 if flags & 1 == 1 => {
                 pings += 1;
                 if pings == 2 {
@@ -62,6 +52,22 @@ fn advertised(port: u16) -> (Option<u32>, Option<u32>, u64) {
             _ => {}
         }
     }
+}
+
+/// One frame: (type, flags, stream, payload).
+fn read_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).expect("a frame");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).expect("frame payload");
+    (head[3], head[4], stream, payload)
+}
+
+/// A WINDOW_UPDATE's increment.
+fn increment(payload: &[u8]) -> u64 {
+    u64::from(u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff)
 }
 
 fn config(port: u16, up: u16, h2: &str) -> String {
@@ -147,13 +153,7 @@ fn client_opening(listener: &std::net::TcpListener) -> (Option<u32>, u64) {
     let mut window = None;
     let mut connection_window = 65_535u64;
     loop {
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).expect("a frame before the request");
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let (kind, flags) = (head[3], head[4]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).expect("frame payload");
+        let (kind, flags, stream, payload) = read_frame(&mut s);
         match kind {
             4 if flags & 1 == 0 => {
                 for p in payload.chunks_exact(6) {
@@ -163,10 +163,7 @@ fn client_opening(listener: &std::net::TcpListener) -> (Option<u32>, u64) {
                 }
                 s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).unwrap(); // ACK
             }
-            8 if stream == 0 => {
-                let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                connection_window += u64::from(inc & 0x7fff_ffff);
-            }
+            8 if stream == 0 => connection_window += increment(&payload),
             1 => return (window, connection_window),
             _ => {}
         }

@@ -587,10 +587,7 @@ fn session_resumption_follows_the_context_as_in_envoy() {
                 "          common_tls_context:\n",
                 &format!("          {settings}\n          common_tls_context:\n"),
             );
-            let yaml = format!(
-                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
-                hcm("tls", &direct("ok"))
-            );
+            let yaml = tls_listener(port, &socket, &hcm("tls", &direct("ok")), "");
             let _p: Box<dyn std::any::Any> = if envoy {
                 Box::new(Envoy::start(&yaml, port))
             } else {
@@ -602,11 +599,20 @@ fn session_resumption_follows_the_context_as_in_envoy() {
     }
 }
 
-/// Runs the openssl command line (certificates rcgen cannot make: RSA keys, X.509 v1).
-fn openssl(dir: &Path, args: &[&str]) {
+/// A bootstrap with one TLS listener: `socket` (a filter chain's transport_socket lines),
+/// then the connection manager, then `clusters` (lines of static_resources, or empty).
+fn tls_listener(port: u16, socket: &str, hcm: &str, clusters: &str) -> String {
+    format!(
+        "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{hcm}{clusters}"
+    )
+}
+
+/// Runs the openssl command line, its arguments split at spaces (certificates rcgen cannot
+/// make: RSA keys, X.509 v1).
+fn openssl(dir: &Path, args: &str) {
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
-        .args(args)
+        .args(args.split_whitespace())
         .output()
         .expect("the openssl command (scripts/setup.sh installs it)");
     assert!(
@@ -641,74 +647,13 @@ fn served(port: u16, clients: &[(&str, &str, &str)]) -> Vec<String> {
 fn certificates_are_chosen_per_client_as_envoy_chooses_them() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    openssl(d, "req -x509 -newkey rsa:2048 -nodes -keyout rsa.key -out rsa.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost");
+    openssl(d, "ecparam -name prime256v1 -genkey -noout -out ec.key");
+    openssl(d, "req -x509 -new -key ec.key -out ec.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost");
+    openssl(d, "req -new -key rsa.key -out v1.csr -subj /CN=localhost");
     openssl(
         d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "rsa.key",
-            "-out",
-            "rsa.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "ec.key",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ec.key",
-            "-out",
-            "ec.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-new",
-            "-key",
-            "rsa.key",
-            "-out",
-            "v1.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "x509", "-req", "-in", "v1.csr", "-signkey", "rsa.key", "-out", "v1.pem", "-days", "2",
-        ],
+        "x509 -req -in v1.csr -signkey rsa.key -out v1.pem -days 2",
     );
     let path = |f: &str| d.join(f).display().to_string();
     let entry = |crt: &str, key: &str| {
@@ -745,10 +690,7 @@ fn certificates_are_chosen_per_client_as_envoy_chooses_them() {
             let socket = format!(
                 "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificates: {certs}\n"
             );
-            let yaml = format!(
-                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
-                hcm("tls", &direct("ok"))
-            );
+            let yaml = tls_listener(port, &socket, &hcm("tls", &direct("ok")), "");
             let _p: Box<dyn std::any::Any> = if envoy {
                 Box::new(Envoy::start(&yaml, port))
             } else {
@@ -788,10 +730,8 @@ fn static_secrets_serve_certificates_named_by_sds_configs() {
         let socket = format!(
             "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificate_sds_secret_configs: [{{name: {name}}}]\n"
         );
-        format!(
-            "static_resources:\n  secrets:\n  - name: server-cert\n    tls_certificate: {{certificate_chain: {{filename: {crt}}}, private_key: {{filename: {key}}}}}\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}",
-            hcm("tls", &direct("ok"))
-        )
+        let secrets = format!("\n  secrets:\n  - name: server-cert\n    tls_certificate: {{certificate_chain: {{filename: {crt}}}, private_key: {{filename: {key}}}}}");
+        tls_listener(port, &socket, &hcm("tls", &direct("ok")), &secrets)
     };
     for envoy in [true, false] {
         let port = free_port();
@@ -827,9 +767,9 @@ fn static_secrets_serve_certificates_named_by_sds_configs() {
 }
 
 /// Client certificates (mTLS): a CA in `validation_context` verifies a presented
-/// certificate, `require_client_certificate` makes one mandatory (without a CA, any
-/// certificate passes, as in Envoy); and `x-forwarded-client-cert` under FORWARD_ONLY is
-/// kept only from a client that presented one. Three clients (none, CA-signed, another
+/// certificate, `require_client_certificate` makes one mandatory (without a CA Envoy asks
+/// for none, "required" or not); and `x-forwarded-client-cert` under FORWARD_ONLY is kept
+/// only from a client that presented one. Three clients (none, CA-signed, another
 /// self-signed) through Envoy and legate on each config.
 #[test]
 fn client_certificates_are_asked_for_and_checked_as_in_envoy() {
@@ -837,83 +777,19 @@ fn client_certificates_are_asked_for_and_checked_as_in_envoy() {
     let d = dir.path();
     openssl(
         d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-        ],
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca",
     );
     openssl(
         d,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-            "-subj",
-            "/CN=client",
-        ],
+        "req -new -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client",
     );
     std::fs::write(
         d.join("client.ext"),
         "extendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://test/client\n",
     )
     .unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "client.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other",
-            "-addext",
-            "extendedKeyUsage=clientAuth",
-        ],
-    );
+    openssl(d, "x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext");
+    openssl(d, "req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.pem -days 2 -subj /CN=other -addext extendedKeyUsage=clientAuth");
     let server = write_cert(d, "server", &cert(&["localhost"]));
     let path = |f: &str| d.join(f).display().to_string();
     let clients = [
@@ -945,14 +821,12 @@ fn client_certificates_are_asked_for_and_checked_as_in_envoy() {
                     "            tls_certificates:",
                     &format!("            {common}\n            tls_certificates:"),
                 );
-            let yaml = format!(
-                "static_resources:\n  listeners:\n  - name: tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}\n    filter_chains:\n    -\n{socket}{}\n  clusters:{}",
-                hcm("tls", "route: {cluster: up}").replace(
-                    "          stat_prefix: tls\n",
-                    "          stat_prefix: tls\n          forward_client_cert_details: FORWARD_ONLY\n"
-                ),
-                cluster_yaml("up", &[up.port()], "")
+            let hcm = hcm("tls", "route: {cluster: up}").replace(
+                "          stat_prefix: tls\n",
+                "          stat_prefix: tls\n          forward_client_cert_details: FORWARD_ONLY\n",
             );
+            let clusters = format!("\n  clusters:{}", cluster_yaml("up", &[up.port()], ""));
+            let yaml = tls_listener(port, &socket, &hcm, &clusters);
             let _p: Box<dyn std::any::Any> = if envoy {
                 Box::new(Envoy::start(&yaml, port))
             } else {

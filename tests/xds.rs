@@ -159,6 +159,23 @@ fn routes(name: &str, cluster: &str) -> Vec<u8> {
     r.encode_to_vec()
 }
 
+/// legate on `server` with LDS, once it has asked for listeners; it also serves a static
+/// listener (a direct 200) on the returned port, so a test can tell it is up.
+fn legate_subscribed_to_lds(server: &Server) -> (Legate, u16) {
+    let admin_port = free_port();
+    let up = listener_yaml(
+        "up",
+        admin_port,
+        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
+        "",
+    );
+    let legate = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
+    eventually(10, "LDS subscription", || {
+        server.requests().iter().any(|r| r.type_url == LISTENER)
+    });
+    (legate, admin_port)
+}
+
 fn xds_bootstrap(server_port: u16, lds: bool, static_listeners: &[String]) -> String {
     let xds_cluster = format!(
         r#"
@@ -194,18 +211,7 @@ fn xds_bootstrap(server_port: u16, lds: bool, static_listeners: &[String]) -> St
 fn listeners_and_routes_arrive_over_ads_and_warm_before_serving() {
     let a = Upstream::start("a");
     let server = Server::start();
-    let admin_port = free_port();
-    // A static listener with a direct response, so the test knows legate is up.
-    let up = listener_yaml(
-        "up",
-        admin_port,
-        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
-        "",
-    );
-    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
-    eventually(10, "LDS subscription", || {
-        server.requests().iter().any(|r| r.type_url == LISTENER)
-    });
+    let (_l, admin_port) = legate_subscribed_to_lds(&server);
     server.push(CLUSTER, "c1", vec![cluster(EDS_CLUSTER)]);
     server.push(CLA, "e1", vec![endpoints("svc", a.port())]);
     let port = free_port();
@@ -327,17 +333,7 @@ fn legate_and_envoy_follow_the_same_management_server() {
 #[test]
 fn a_listener_whose_routes_never_come_starts_after_the_initial_fetch_timeout() {
     let server = Server::start();
-    let admin_port = free_port();
-    let up = listener_yaml(
-        "up",
-        admin_port,
-        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
-        "",
-    );
-    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
-    eventually(10, "LDS subscription", || {
-        server.requests().iter().any(|r| r.type_url == LISTENER)
-    });
+    let (_l, _) = legate_subscribed_to_lds(&server);
     let port = free_port();
     let pushed = std::time::Instant::now();
     server.push(
@@ -527,17 +523,7 @@ fn served_by(port: u16, der: &[u8]) -> bool {
 #[test]
 fn listener_certificates_arrive_over_sds_and_rotate() {
     let server = Server::start();
-    let admin_port = free_port();
-    let up = listener_yaml(
-        "up",
-        admin_port,
-        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
-        "",
-    );
-    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
-    eventually(10, "LDS subscription", || {
-        server.requests().iter().any(|r| r.type_url == LISTENER)
-    });
+    let (_l, _) = legate_subscribed_to_lds(&server);
     server.push(CLUSTER, "c1", vec![]);
     let port = free_port();
     server.push(
@@ -591,17 +577,7 @@ fn encoded<M: Message + Default>(yaml: &str, full_name: &str) -> Vec<u8> {
 fn resources_shaped_as_envoy_gateway_writes_them_are_acked_and_served() {
     let a = Upstream::start("a");
     let server = Server::start();
-    let admin_port = free_port();
-    let up = listener_yaml(
-        "up",
-        admin_port,
-        "virtual_hosts: [{name: up, domains: ['*'], routes: [{match: {prefix: /}, direct_response: {status: 200}}]}]",
-        "",
-    );
-    let _l = Legate::start(&xds_bootstrap(server.port, true, &[up]), admin_port);
-    eventually(10, "LDS subscription", || {
-        server.requests().iter().any(|r| r.type_url == LISTENER)
-    });
+    let (_l, _) = legate_subscribed_to_lds(&server);
     let acked = |type_url: &str, version: &str| {
         server.requests().iter().any(|r| {
             r.type_url == type_url
