@@ -199,7 +199,7 @@ fn convert_static_secrets(
             Some(Type::ValidationContext(_)) => {
                 errs.add(
                     join(&at, "validation_context"),
-                    "not supported (client certificate validation is not there yet)",
+                    "not supported (validation contexts are read inline only, not from secrets)",
                 );
             }
             Some(Type::SessionTicketKeys(_)) => {
