@@ -141,6 +141,7 @@ pub fn main() -> ExitCode {
         None => ConfigSource::BuiltIn(crate::DEFAULT_CONFIG),
     };
     if args.validate || args.mode == Mode::Validate {
+        crate::cluster::SKIP_DNS.store(true, std::sync::atomic::Ordering::Relaxed);
         return match source.load() {
             Ok(_) => {
                 println!("OK");

@@ -238,7 +238,9 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         hds_config,
         flags_path,
         stats_sinks,
-        deferred_stat_options,
+        // Envoy creates some cluster stats when first used, to save memory; legate's
+        // exist from the start (README: differences).
+        deferred_stat_options: _,
         stats_config,
         watchdog,
         watchdogs,
@@ -280,7 +282,6 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         hds_config,
         flags_path,
         stats_sinks,
-        deferred_stat_options,
         stats_config,
         watchdog,
         watchdogs,

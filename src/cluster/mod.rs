@@ -657,7 +657,14 @@ fn build_priority_set(
     PrioritySet::new(priorities, &health, overprovisioning_factor)
 }
 
+/// Set by `--validate`: DNS clusters' names are not looked up, as Envoy's validate mode
+/// does not (a config naming hosts of another network still validates, and fast).
+pub static SKIP_DNS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn resolve(host: &str, port: u16, family: DnsLookupFamily) -> Vec<SocketAddr> {
+    if SKIP_DNS.load(std::sync::atomic::Ordering::Relaxed) {
+        return Vec::new();
+    }
     let addrs: Vec<SocketAddr> = match (host, port).to_socket_addrs() {
         Ok(a) => a.collect(),
         Err(e) => {
