@@ -253,7 +253,7 @@ fn slow_clients_get_408_like_envoy() {
 /// The HTTP/1 request clock stays off on an HTTP/2 connection: its streams share the
 /// connection, so neither an idle spell between them nor a long stream is a slow request.
 /// (Pingora's HTTP/2 server has no read timeouts; a stalled stream body ends at the route
-/// timeout, as the README says.)
+/// timeout, as docs/configuration.md says.)
 #[test]
 fn request_timers_leave_http2_connections_alone() {
     let up = Upstream::start("up");
