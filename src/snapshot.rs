@@ -239,7 +239,7 @@ pub fn compile_with(bootstrap: Bootstrap, dynamic: Arc<Dynamic>) -> Result<Snaps
         flags_path,
         stats_sinks,
         // Envoy creates some cluster stats when first used, to save memory; legate's
-        // exist from the start (README: differences).
+        // exist from the start (docs/configuration.md: differences).
         deferred_stat_options: _,
         stats_config,
         watchdog,

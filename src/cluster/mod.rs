@@ -142,7 +142,7 @@ impl Cluster {
             connect_timeout,
             // Envoy's soft limit on an upstream connection's buffers. legate's engines
             // read a response in chunks of at most 64 KiB, with at most four queued
-            // towards the client (Pingora's channel), whatever is set here (README:
+            // towards the client (Pingora's channel), whatever is set here (docs/configuration.md:
             // differences).
             per_connection_buffer_limit_bytes: _,
             per_connection_buffer_high_watermark_timeout,

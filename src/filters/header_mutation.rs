@@ -110,7 +110,7 @@ impl HeaderMutation {
     pub fn convert(p: &Proto, at: &str, errs: &mut Errors) -> Self {
         // most_specific_header_mutations_wins orders the route, virtual host and route
         // table levels among themselves; legate applies only the most specific level's
-        // per-route mutations (README), where the flag changes nothing.
+        // per-route mutations (docs/configuration.md), where the flag changes nothing.
         let Proto {
             mutations,
             most_specific_header_mutations_wins: _,
