@@ -75,7 +75,9 @@ fn exercise(port: u16) {
 
 fn read_lines(path: &Path, n: usize) -> Vec<String> {
     let mut lines = Vec::new();
-    eventually(10, "access log lines", || {
+    // Envoy writes its log files every 10 s (its default flush interval), counted from
+    // its start: up to 10 s after the requests, so the wait allows twice that.
+    eventually(20, "access log lines", || {
         lines = std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
