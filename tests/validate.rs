@@ -38,6 +38,17 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Asserts that legate refuses `yaml` (exit status 1) with `want` among its errors.
+fn refused_with(yaml: &str, want: &str) {
+    let out = validate_legate(yaml);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(want),
+        "missing {want:?} in:\n{}",
+        text(&out)
+    );
+}
+
 /// Asserts that Envoy and legate both accept `yaml`.
 fn both_accept(what: &str, yaml: &str) {
     let envoy = validate_envoy(yaml);
@@ -110,14 +121,9 @@ static_resources:
         acme: {"@type": type.googleapis.com/acme.Tag, x: 1}
 "#;
     assert!(!validate_envoy(yaml).status.success());
-    let out = validate_legate(yaml);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains(
-            "static_resources.clusters[0].metadata.typed_filter_metadata.acme: type acme.Tag is not part of Envoy's v3 API"
-        ),
-        "{}",
-        text(&out)
+    refused_with(
+        yaml,
+        "static_resources.clusters[0].metadata.typed_filter_metadata.acme: type acme.Tag is not part of Envoy's v3 API",
     );
 }
 
@@ -170,14 +176,7 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 18000}}}}]}]
 "#,
     );
-    let v2 = validate_legate(
-        "dynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V2\n    grpc_services: [{envoy_grpc: {cluster_name: xds}}]\n",
-    );
-    assert!(
-        text(&v2).contains("dynamic_resources.ads_config.transport_api_version: only V3"),
-        "{}",
-        text(&v2)
-    );
+    refused_with("dynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V2\n    grpc_services: [{envoy_grpc: {cluster_name: xds}}]\n", "dynamic_resources.ads_config.transport_api_version: only V3");
 }
 
 #[test]
@@ -190,13 +189,9 @@ fn the_local_cluster_must_be_a_static_cluster_as_in_envoy() {
     both_accept("local cluster defined", &yaml("local_app"));
     let missing = yaml("elsewhere");
     assert!(!validate_envoy(&missing).status.success());
-    let out = validate_legate(&missing);
-    assert!(
-        text(&out).contains(
-            "cluster_manager.local_cluster_name: local cluster 'elsewhere' must be defined"
-        ),
-        "{}",
-        text(&out)
+    refused_with(
+        &missing,
+        "cluster_manager.local_cluster_name: local cluster 'elsewhere' must be defined",
     );
 }
 
@@ -234,12 +229,7 @@ static_resources:
         crt = crt.display(),
         key = key.display()
     );
-    let out = validate_legate(&yaml);
-    assert!(
-        text(&out).contains("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.forward_client_cert_details: APPEND_FORWARD and SANITIZE_SET are not supported yet"),
-        "{}",
-        text(&out)
-    );
+    refused_with(&yaml, "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.forward_client_cert_details: APPEND_FORWARD and SANITIZE_SET are not supported yet");
 }
 
 #[test]

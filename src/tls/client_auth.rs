@@ -11,12 +11,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateV
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 use crate::config::error::{join, Errors};
 use crate::reject_set;
-use crate::route::entry::read_data_source;
 
 /// The CAs of a downstream `validation_context` (the only part legate applies yet).
 pub fn trusted_cas(
@@ -66,24 +63,12 @@ pub fn trusted_cas(
         errs.add(&cat, "required to verify client certificates");
         return None;
     };
-    let pem = read_data_source(ca, &cat, errs)?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        match cert.map(|c| roots.add(c)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                errs.add(&cat, format!("a CA certificate cannot be used: {e}"));
-                return None;
-            }
-            Err(e) => {
-                errs.add(&cat, format!("not PEM certificates: {e}"));
-                return None;
-            }
+    for cert in super::pem_certificates(ca, &cat, errs)? {
+        if let Err(e) = roots.add(cert) {
+            errs.add(&cat, format!("a CA certificate cannot be used: {e}"));
+            return None;
         }
-    }
-    if roots.is_empty() {
-        errs.add(&cat, "no PEM certificate found");
-        return None;
     }
     Some(roots)
 }

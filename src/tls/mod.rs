@@ -789,32 +789,39 @@ fn validation(
         return;
     };
     let cat = join(at, "trusted_ca");
-    let Some(pem) = read_data_source(ca, &cat, errs) else {
+    let Some(certs) = pem_certificates(ca, &cat, errs) else {
         return;
     };
-    let certs: Result<Vec<CertificateDer<'static>>, _> =
-        CertificateDer::pem_slice_iter(&pem).collect();
-    match certs {
-        Ok(certs) if !certs.is_empty() => {
-            if certs
-                .iter()
-                .any(|c| x509_parser::parse_x509_certificate(c).is_err())
-            {
-                errs.add(cat, "a CA certificate cannot be parsed");
-                return;
-            }
-            let wrapped: Vec<pingora::utils::tls::WrappedX509> = certs
-                .iter()
-                .map(|c| {
-                    pingora::utils::tls::WrappedX509::new(
-                        c.to_vec(),
-                        pingora::utils::tls::parse_x509,
-                    )
-                })
-                .collect();
-            tls.ca = Some(Arc::from(wrapped));
+    if certs
+        .iter()
+        .any(|c| x509_parser::parse_x509_certificate(c).is_err())
+    {
+        errs.add(cat, "a CA certificate cannot be parsed");
+        return;
+    }
+    let wrapped: Vec<pingora::utils::tls::WrappedX509> = certs
+        .iter()
+        .map(|c| pingora::utils::tls::WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
+        .collect();
+    tls.ca = Some(Arc::from(wrapped));
+}
+
+/// The certificates of a `trusted_ca`: at least one, PEM; None (with an error) otherwise.
+pub(crate) fn pem_certificates(
+    source: &envoy_types::pb::envoy::config::core::v3::DataSource,
+    at: &str,
+    errs: &mut Errors,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let pem = read_data_source(source, at, errs)?;
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(certs) if !certs.is_empty() => Some(certs),
+        Ok(_) => {
+            errs.add(at, "no PEM certificate found");
+            None
         }
-        Ok(_) => errs.add(cat, "no PEM certificate found"),
-        Err(e) => errs.add(cat, format!("not PEM certificates: {e}")),
+        Err(e) => {
+            errs.add(at, format!("not PEM certificates: {e}"));
+            None
+        }
     }
 }
